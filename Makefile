@@ -1,0 +1,48 @@
+# qtemperate developer entry points. Both targets work on a fresh machine:
+# they create .venv, install the CPU torch wheel first (so pip never pulls a
+# multi-GB CUDA build), then the project with its dev extras.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: install data demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (no downloads at run time).
+data:
+	@if [ -f "$(FMNIST_DIR)/train-images-idx3-ubyte.gz" ] || [ -f "$(FMNIST_DIR)/train-images-idx3-ubyte" ]; then \
+		echo "Fashion-MNIST found in $(FMNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "apt-get not available: set QTEMPERATE_FASHION_MNIST to a folder with the IDX files"; \
+	fi
+
+demo: install data
+	$(BIN)/qtemperate run recipes/fashion_mnist_quickstart.yaml
+
+test: install data
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check qtemperate tests bench
+
+bench: install data
+	$(BIN)/python -m pytest bench --benchmark-only -q
+
+clean:
+	rm -rf $(VENV) runs wandb .pytest_cache .ruff_cache

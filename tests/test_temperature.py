@@ -1,0 +1,428 @@
+"""Tests of qtemperate.temperature against hand-computed values of the documented formulas."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from qtemperate.temperature import (
+    TEMPERATURE_SCHEDULES,
+    ConstantTemperature,
+    GradientNormTemperature,
+    LookupTableTemperature,
+    TemperateSchedule,
+    TemperatureSchedule,
+    TemperatureSuggestion,
+    suggest_initial_temperature,
+    to_lookup_table,
+)
+
+# Defaults total=10: W = ceil(0.3·10) = 3, A = ceil(0.8·10) = 8, alpha 0.9, beta 0.1.
+LOSSES_10 = [2.0, 1.8, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1, 1.0, 0.9]
+EXPECTED_10 = [
+    4.0,
+    4.0,
+    4.0,
+    3.45,  # 0.9·4 − 0.1·1.5
+    2.965,  # 0.9·3.45 − 0.14
+    2.5385,  # 0.9·2.965 − 0.13
+    2.16465,  # 0.9·2.5385 − 0.12
+    1.838185,  # 0.9·2.16465 − 0.11
+    1.838185,  # convergence k=0: T_enter
+    1.0,  # last epoch: exactly min
+]
+PHASES_10 = ["warmup"] * 3 + ["adaptive"] * 5 + ["convergence"] * 2
+
+
+def run(schedule: TemperateSchedule, losses: list[float | None]) -> list[float]:
+    return [schedule.step(e, v) for e, v in enumerate(losses)]
+
+
+# ---------------------------------------------------------------- registry / base
+def test_registry_names_every_schedule() -> None:
+    assert TEMPERATURE_SCHEDULES.keys() == [
+        "constant",
+        "gradient_norm",
+        "lookup_table",
+        "temperate",
+    ]
+    assert TEMPERATURE_SCHEDULES.get("constant") is ConstantTemperature
+    assert TEMPERATURE_SCHEDULES.get("temperate") is TemperateSchedule
+    assert TEMPERATURE_SCHEDULES.get("gradient_norm") is GradientNormTemperature
+    assert TEMPERATURE_SCHEDULES.get("lookup_table") is LookupTableTemperature
+    for key in TEMPERATURE_SCHEDULES:
+        assert issubclass(TEMPERATURE_SCHEDULES.get(key), TemperatureSchedule)
+    with pytest.raises(TypeError):
+        TemperatureSchedule()  # type: ignore[abstract]
+
+
+# ---------------------------------------------------------------- constant
+def test_constant_temperature() -> None:
+    sched = ConstantTemperature(3.5)
+    assert sched.temperature == 3.5
+    assert sched.step() == 3.5 and sched.step(7, val_loss=1.0) == 3.5
+    other = ConstantTemperature(1.0)
+    other.load_state_dict(json.loads(json.dumps(sched.state_dict())))
+    assert other.step(0) == 3.5 and other.min_temperature == other.max_temperature == 3.5
+
+
+@pytest.mark.parametrize("value", [0.0, -2.0, float("nan"), float("inf"), "x", True])
+def test_constant_temperature_bad(value: object) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        ConstantTemperature(value)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- TemperateSchedule
+def test_temperate_every_epoch_hand_computed() -> None:
+    sched = TemperateSchedule(10)
+    assert (sched.warmup_end, sched.adapt_end) == (3, 8)
+    assert sched.temperature == 4.0 and sched.phase == "warmup"
+    temps, phases = [], []
+    for e, v in enumerate(LOSSES_10):
+        temps.append(sched.step(e, v))
+        phases.append(sched.phase)
+        assert sched.temperature == temps[-1]
+    assert temps == pytest.approx(EXPECTED_10, rel=1e-12)
+    assert temps[-1] == 1.0  # exactly
+    assert phases == PHASES_10
+
+
+def test_temperate_cosine_decay_hand_computed() -> None:
+    # total 20: W = 6, A = 16; beta = 0 so T_15 = 4·0.95^10; K = 19 − 16 = 3.
+    sched = TemperateSchedule(20, alpha=0.95, beta=0.0)
+    losses = [1.0 / (e + 1) for e in range(20)]  # relative changes ≫ plateau_tol
+    temps = run(sched, losses)  # type: ignore[arg-type]
+    t_enter = 4.0 * 0.95**10
+    assert temps[:6] == [4.0] * 6
+    assert temps[15] == pytest.approx(t_enter, rel=1e-12)
+    assert temps[16] == pytest.approx(t_enter, rel=1e-12)  # k = 0
+    assert temps[17] == pytest.approx(1 + (t_enter - 1) * 0.75, rel=1e-12)  # cos(π/3) = 1/2
+    assert temps[18] == pytest.approx(1 + (t_enter - 1) * 0.25, rel=1e-12)  # cos(2π/3) = −1/2
+    assert temps[19] == 1.0
+    assert all(a >= b for a, b in itertools.pairwise(temps))
+
+
+def test_temperate_clamps_to_bounds() -> None:
+    up = TemperateSchedule(10, alpha=1.5, beta=0.0, max_temperature=10.0)
+    temps = run(up, [0.5] * 3 + [1.0, 2.0, 3.0, 4.0, 5.0, None, None])
+    assert temps[3:8] == pytest.approx([6.0, 9.0, 10.0, 10.0, 10.0])
+    assert temps[9] == 1.0
+    down = TemperateSchedule(10, min_temperature=2.0)
+    assert run(down, [None] * 3 + [100.0]) == [4.0, 4.0, 4.0, 2.0]
+
+
+def test_temperate_step_is_idempotent_per_epoch() -> None:
+    sched = TemperateSchedule(10)
+    run(sched, LOSSES_10[:3])
+    assert sched.step(3, 1.5) == pytest.approx(3.45)
+    assert sched.step(3, 1.5) == pytest.approx(3.45)
+    assert sched.step(3, 100.0) == pytest.approx(3.45)  # a second call never re-applies
+    assert sched.step(4, 1.4) == pytest.approx(2.965)
+
+
+def test_temperate_boundary_rounding() -> None:
+    # 0.3·10 = 3.0000000000000004 in floating point, 0.1·3 = 0.30000000000000004
+    assert TemperateSchedule(10, warmup=0.3).warmup_end == 3
+    s = TemperateSchedule(3, warmup=0.1, adapt_until=0.7)
+    assert (s.warmup_end, s.adapt_end) == (1, 3)
+    assert [s.phase_of(e) for e in range(3)] == ["warmup", "adaptive", "adaptive"]
+
+
+def test_temperate_short_stages() -> None:
+    one = TemperateSchedule(1)
+    assert one.step(0) == 4.0 and one.phase == "warmup"
+    two = TemperateSchedule(2)  # W = 1, A = 2: warm-up then adaptive, no convergence
+    assert two.step(0) == 4.0
+    assert two.step(1, 2.0) == pytest.approx(3.4) and two.phase == "adaptive"
+    five = TemperateSchedule(5)  # W = 2, A = 4: a one-epoch convergence phase (K = 0) → min
+    assert run(five, [None, None, 1.0, 1.5, None]) == pytest.approx([4.0, 4.0, 3.5, 3.0, 1.0])
+    only_conv = TemperateSchedule(5, warmup=0.0, adapt_until=0.0)  # S = 0, K = 4, T_enter = base
+    expected = [1 + 3 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)]
+    temps = run(only_conv, [None] * 5)
+    assert temps == pytest.approx(expected, rel=1e-12)
+    assert temps[0] == 4.0 and temps[2] == pytest.approx(2.5) and temps[4] == 1.0
+    single_conv = TemperateSchedule(1, warmup=0.0, adapt_until=0.0)
+    assert single_conv.step(0) == 1.0 and single_conv.phase == "convergence"
+
+
+def test_temperate_plateau_starts_convergence_early() -> None:
+    # total 20, W = 2, A = 16, patience 2: warm-up losses do not count; epoch 3 and 4
+    # are the 1st and 2nd consecutive small changes → convergence starts at S = 5.
+    sched = TemperateSchedule(20, warmup=0.1, patience=2, plateau_tol=1e-3)
+    losses = [1.0, 1.0, 1.0, 1.0005, 1.0005] + [None] * 15
+    for e in range(4):
+        sched.step(e, losses[e])
+    assert sched.phase_of(5) == "adaptive" and sched.convergence_start == 16
+    sched.step(4, losses[4])
+    assert sched.phase == "adaptive"
+    assert sched.phase_of(5) == "convergence" and sched.convergence_start == 5
+    temps = [sched.step(e, losses[e]) for e in range(5, 20)]
+    t4 = 0.9 * (0.9 * 3.5 - 0.10005) - 0.10005  # 3.5 = 0.9·4 − 0.1·1.0 at epoch 2
+    assert temps[0] == pytest.approx(t4, rel=1e-12)  # S: k = 0, K = 14
+    assert temps[12 - 5] == pytest.approx(1 + (t4 - 1) * 0.5, rel=1e-12)  # k = 7 = K/2
+    assert temps[-1] == 1.0
+    assert sched.phase == "convergence"
+
+
+def test_temperate_plateau_counter_resets_and_tolerance_is_strict() -> None:
+    sched = TemperateSchedule(20, warmup=0.0, patience=2, plateau_tol=0.5)
+    # changes: 0 (small, 1), 0.5 (= tol, not small → reset), 0 (1), 0 (2 → trigger after epoch 4)
+    for e, v in enumerate([2.0, 2.0, 3.0, 3.0, 3.0]):
+        sched.step(e, v)
+        assert sched.convergence_start == (5 if e == 4 else 16)
+
+
+def test_temperate_plateau_disabled_with_zero_tolerance() -> None:
+    sched = TemperateSchedule(10, warmup=0.0, patience=1, plateau_tol=0.0)
+    run(sched, [1.0] * 7)
+    assert sched.convergence_start == 8 and sched.phase == "adaptive"
+
+
+# W = ceil(0.2·16) = 4, A = ceil(0.75·16) = 12; adaptive losses 0.8 at epochs 4, 5, 6 are
+# two consecutive zero changes → with patience 2 convergence starts early at S = 7.
+STATE_LOSSES = [1.0, 1.0, 0.9, 0.8, 0.8, 0.8, 0.8, 0.6, 0.55, 0.5, 0.5, 0.5, 0.5, 0.5, 0.4, 0.3]
+
+
+@pytest.mark.parametrize("cut", [0, 2, 4, 5, 6, 7, 9, 12, 15])
+def test_temperate_state_dict_round_trip(cut: int) -> None:
+    def make() -> TemperateSchedule:
+        return TemperateSchedule(16, warmup=0.2, adapt_until=0.75, patience=2, plateau_tol=1e-3)
+
+    reference = run(make(), STATE_LOSSES)  # type: ignore[arg-type]
+    first = make()
+    for e in range(cut):
+        first.step(e, STATE_LOSSES[e])
+    state = json.loads(json.dumps(first.state_dict()))  # plain values only
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert resumed.temperature == first.temperature and resumed.phase == first.phase
+    rest = [resumed.step(e, STATE_LOSSES[e]) for e in range(cut, 16)]
+    assert rest == reference[cut:]
+    assert resumed.convergence_start == 7
+    assert rest[-1] == 1.0
+
+
+def test_temperate_load_state_dict_errors() -> None:
+    sched = TemperateSchedule(10)
+    state = sched.state_dict()
+    with pytest.raises(ValueError, match="total_epochs"):
+        TemperateSchedule(12).load_state_dict(state)
+    del state["plateau_count"]
+    with pytest.raises(ValueError, match="plateau_count"):
+        sched.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"total_epochs": 0}, "total_epochs"),
+        ({"total_epochs": 2.5}, "total_epochs"),
+        ({"total_epochs": True}, "total_epochs"),
+        ({"base_temperature": 0.0}, "base_temperature"),
+        ({"base_temperature": 11.0}, "base_temperature"),
+        ({"base_temperature": 0.5}, "base_temperature"),
+        ({"min_temperature": -1.0}, "min_temperature"),
+        ({"min_temperature": 5.0, "max_temperature": 4.0}, "min_temperature"),
+        ({"max_temperature": float("inf")}, "max_temperature"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"beta": -0.1}, "beta"),
+        ({"warmup": -0.1}, "warmup"),
+        ({"warmup": 0.9, "adapt_until": 0.8}, "warmup"),
+        ({"adapt_until": 1.1}, "adapt_until"),
+        ({"patience": 0}, "patience"),
+        ({"patience": 1.5}, "patience"),
+        ({"plateau_tol": -1e-3}, "plateau_tol"),
+        ({"plateau_tol": float("nan")}, "plateau_tol"),
+    ],
+)
+def test_temperate_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    kwargs = {"total_epochs": 10, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        TemperateSchedule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "epoch", "val_loss", "match"),
+    [
+        ([], -1, None, "epoch"),
+        ([], 10, None, "epoch"),
+        ([], 1.0, None, "epoch"),
+        ([], True, None, "epoch"),
+        ([1.0] * 5, 2, None, "decrease"),
+        ([1.0] * 3, 3, None, "val_loss is required"),
+        ([1.0] * 3, 3, float("nan"), "val_loss"),
+        ([], 0, "bad", "val_loss"),
+    ],
+)
+def test_temperate_bad_step(prefix: list[float], epoch: Any, val_loss: Any, match: str) -> None:
+    sched = TemperateSchedule(10)
+    run(sched, prefix)  # type: ignore[arg-type]
+    before = sched.state_dict()
+    with pytest.raises(ValueError, match=match):
+        sched.step(epoch, val_loss)
+    assert sched.state_dict() == before  # a rejected step changes nothing
+
+
+# ---------------------------------------------------------------- GradientNormTemperature
+def test_gradient_norm_temperature_hand_computed() -> None:
+    sched = GradientNormTemperature(1.0, 6.0)
+    assert sched.temperature == 6.0
+    # g_max: 2, 2, 4, 4, 4, 4 → T = 6 − 5·g/g_max
+    temps = [sched.step(g) for g in [2.0, 1.0, 4.0, 0.0, 4.0, 3.0]]
+    assert temps == pytest.approx([1.0, 3.5, 1.0, 6.0, 1.0, 2.25], rel=1e-12)
+    assert sched.grad_norm_max == 4.0
+    assert sched.step(torch.tensor(2.0)) == pytest.approx(3.5)
+    zero = GradientNormTemperature(2.0, 5.0)
+    assert [zero.step(0.0), zero.step(0.0), zero.step(1.0), zero.step(0.25)] == [
+        5.0,
+        5.0,
+        2.0,
+        4.25,
+    ]
+
+
+def test_gradient_norm_state_dict_round_trip() -> None:
+    norms = [3.0, 1.0, 5.0, 2.0, 0.5, 6.0, 1.5]
+    reference = GradientNormTemperature(1.5, 4.0)
+    expected = [reference.step(g) for g in norms]
+    first = GradientNormTemperature(1.5, 4.0)
+    for g in norms[:3]:
+        first.step(g)
+    resumed = GradientNormTemperature(1.5, 4.0)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.temperature == first.temperature
+    assert [resumed.step(g) for g in norms[3:]] == expected[3:]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "grad_norm", "match"),
+    [
+        ({"min_temperature": 0.0}, 1.0, "min_temperature"),
+        ({"min_temperature": 3.0, "max_temperature": 2.0}, 1.0, "min_temperature"),
+        ({"max_temperature": float("nan")}, 1.0, "max_temperature"),
+        ({}, -1.0, "grad_norm"),
+        ({}, float("inf"), "grad_norm"),
+        ({}, float("nan"), "grad_norm"),
+    ],
+)
+def test_gradient_norm_bad_arguments(kwargs: dict[str, Any], grad_norm: float, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GradientNormTemperature(**kwargs).step(grad_norm)
+
+
+# ---------------------------------------------------------------- lookup table
+def test_to_lookup_table_and_replay() -> None:
+    table = to_lookup_table(lambda: TemperateSchedule(10), 10, LOSSES_10)
+    assert table == pytest.approx(EXPECTED_10, rel=1e-12)
+    assert all(isinstance(t, float) for t in table)
+    lut = LookupTableTemperature(table)
+    assert lut.temperature == table[0]
+    assert [lut.step(e) for e in range(10)] == table
+    assert lut.step(25, val_loss=0.3) == table[-1]  # past the end: the last entry
+    assert lut.step(4) == table[4]  # stateless: any order
+    assert (lut.min_temperature, lut.max_temperature) == (1.0, 4.0)
+    assert to_lookup_table(lambda: ConstantTemperature(3.0), 4) == [3.0] * 4
+    # a table replays itself
+    assert to_lookup_table(lambda: LookupTableTemperature([5.0, 2.0]), 3) == [5.0, 2.0, 2.0]
+
+
+def test_lookup_table_state_dict_round_trip() -> None:
+    lut = LookupTableTemperature([4.0, 3.0, 2.0, 1.5])
+    lut.step(1)
+    resumed = LookupTableTemperature([9.0])
+    resumed.load_state_dict(json.loads(json.dumps(lut.state_dict())))
+    assert resumed.table == (4.0, 3.0, 2.0, 1.5) and resumed.temperature == 3.0
+    assert [resumed.step(e) for e in range(2, 6)] == [2.0, 1.5, 1.5, 1.5]
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: LookupTableTemperature([]), "empty"),
+        (lambda: LookupTableTemperature([2.0, 0.0]), r"table\[1\]"),
+        (lambda: LookupTableTemperature("abc"), "table"),
+        (lambda: LookupTableTemperature([2.0]).step(-1), "epoch"),
+        (lambda: LookupTableTemperature([2.0]).load_state_dict({"table": [1.0]}), "temperature"),
+        (lambda: to_lookup_table(lambda: ConstantTemperature(), 0), "epochs"),
+        (lambda: to_lookup_table(lambda: TemperateSchedule(10), 10, [1.0] * 9), "val_losses"),
+        (lambda: to_lookup_table(lambda: TemperateSchedule(10), 10), "val_loss is required"),
+        (lambda: to_lookup_table(GradientNormTemperature, 3), "epoch-driven"),
+    ],
+)
+def test_lookup_table_bad_arguments(call: Callable[[], object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_every_registered_schedule_has_a_json_state() -> None:
+    # every registered schedule exposes a JSON-serialisable state
+    examples = {
+        "constant": ConstantTemperature(3.0),
+        "temperate": TemperateSchedule(5),
+        "gradient_norm": GradientNormTemperature(),
+        "lookup_table": LookupTableTemperature([2.0, 1.0]),
+    }
+    assert sorted(examples) == TEMPERATURE_SCHEDULES.keys()
+    for sched in examples.values():
+        state = json.loads(json.dumps(sched.state_dict()))
+        sched.load_state_dict(state)
+        assert sched.state_dict() == state
+
+
+# ---------------------------------------------------------------- suggestion
+@pytest.mark.parametrize(
+    ("num_classes", "teacher", "student", "counts", "expected", "n_reasons"),
+    [
+        (10, 1_000, 1_000, None, 3.5, 1),
+        (2, 1_000, 1_000, None, 3.5, 1),
+        (100, 1_000, 1_000, None, 5.5, 1),
+        (1000, 1_000, 1_000, None, 5.5, 1),
+        (50, 1_000, 1_000, None, 3.5 + 2 * math.log10(5), 1),
+        (10, 3_990, 1_000, None, 3.5, 1),  # ratio 3.99: no gap bonus
+        (10, 4_000, 1_000, None, 4.5, 2),  # ratio 4: +1
+        (10, 15_999, 1_000, None, 4.5, 2),
+        (100, 16_000, 1_000, None, 7.5, 2),  # ratio 16: +2
+        (3, 1_000, 1_000, [30, 15, 11], 3.5, 1),  # imbalance 30/11 < 3: no change, no reason
+        (3, 1_000, 1_000, [30, 15, 10], 3.0, 2),  # imbalance 3: −0.5
+        (3, 1_000, 1_000, [100, 50, 10], 2.5, 2),  # imbalance 10: −1
+        (100, 64_000, 1_000, [10] * 99 + [1], 6.5, 3),
+    ],
+)
+def test_suggest_initial_temperature(
+    num_classes: int,
+    teacher: int,
+    student: int,
+    counts: list[int] | None,
+    expected: float,
+    n_reasons: int,
+) -> None:
+    s = suggest_initial_temperature(num_classes, teacher, student, counts)
+    assert isinstance(s, TemperatureSuggestion)
+    assert s.temperature == pytest.approx(expected, rel=1e-12)
+    assert 1.0 <= s.temperature <= 10.0
+    assert len(s.reasons) == n_reasons and all(isinstance(r, str) and r for r in s.reasons)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.temperature = 2.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((1, 10, 10), "num_classes"),
+        ((10.0, 10, 10), "num_classes"),
+        ((10, 0, 10), "teacher_params"),
+        ((10, 10, -5), "student_params"),
+        ((3, 10, 10, [1, 2]), "class_counts"),
+        ((3, 10, 10, [1, 0, 2]), r"class_counts\[1\]"),
+    ],
+)
+def test_suggest_initial_temperature_bad_arguments(args: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        suggest_initial_temperature(*args)
