@@ -229,10 +229,26 @@ def _float_temperatures(
         _check_scalar_temperature(t.item() if isinstance(t, Tensor) else t, f"{name}[{i}]")
         for i, t in enumerate(temps)
     )
-    keys = [f"{t:g}" for t in out]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"{name} must be distinct (as formatted with :g), got {out}")
     return out
+
+
+def _merge_equal_temperatures(
+    temps: tuple[float, ...], lam: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Merge temperatures that coincide (as logged with ``:g``), summing their weights.
+
+    Σ λᵢ·KD(Tᵢ) is unchanged, one KD is computed per distinct T, and the ``kd_T{T}``
+    log keys cannot collide — a schedule that decays every scale to T = 1 at the end
+    of a stage hands over ``(1, 1, 1)``.
+    """
+    merged: dict[str, list[float]] = {}
+    for t, w in zip(temps, lam):
+        key = f"{t:g}"
+        if key in merged:
+            merged[key][1] += w
+        else:
+            merged[key] = [t, w]
+    return tuple(v[0] for v in merged.values()), tuple(v[1] for v in merged.values())
 
 
 def _check_kd_weight(kd_weight: float) -> float:
@@ -348,7 +364,8 @@ class TemperateLoss(nn.Module):
         """Set the temperatures (and their weights), typically from a schedule.
 
         Args:
-            temperatures: a positive float or a non-empty sequence of distinct ones.
+            temperatures: a positive float or a non-empty sequence; equal ones are
+                merged with their weights summed.
             weights: their non-negative weights (``None``: uniform), normalised.
             head: for dict outputs, set this head's override instead of the shared
                 temperatures.
@@ -359,6 +376,7 @@ class TemperateLoss(nn.Module):
         name = "temperatures" if head is None else f"head_temperatures[{head!r}]"
         temps = _float_temperatures(temperatures, name)
         lam = normalize_weights(weights, len(temps))
+        temps, lam = _merge_equal_temperatures(temps, lam)
         if head is None:
             self._temperatures, self._weights = temps, lam
         else:

@@ -365,7 +365,6 @@ def test_temperate_loss_dict_errors(
         ({"kd_weight": float("nan")}, "kd_weight"),
         ({"temperatures": 0.0}, "temperatures"),
         ({"temperatures": ()}, "temperatures"),
-        ({"temperatures": (4.0, 4.0)}, "distinct"),
         ({"temperatures": (4.0, 2.0), "weights": (1.0,)}, "length 2"),
         ({"head_temperatures": {"feat": -1.0}}, "head_temperatures"),
         ({"head_weights": {"feat": -1.0}}, "head_weights"),
@@ -385,3 +384,15 @@ def test_temperate_loss_bad_setters() -> None:
         crit.set_temperatures([1.0, -2.0])
     # a rejected update leaves the previous configuration in place
     assert crit.temperatures == (4.0,) and math.isclose(crit.kd_weight, 0.9)
+
+
+def test_equal_temperatures_merge_with_summed_weights() -> None:
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    y = torch.randint(0, 7, (5,))
+    crit = TemperateLoss(kd_weight=1.0, temperatures=(1.0, 1.0, 3.0), weights=(1.0, 1.0, 2.0))
+    assert crit.temperatures == (1.0, 3.0)
+    assert crit.weights == pytest.approx((0.5, 0.5))
+    out = crit(s, t, y)
+    assert set(k for k in out if k.startswith("kd_T")) == {"kd_T1", "kd_T3"}
+    expected = 0.5 * kd_loss(s, t, 1.0) + 0.5 * kd_loss(s, t, 3.0)
+    assert float(out["kd_loss"]) == pytest.approx(float(expected), rel=1e-6)

@@ -1,0 +1,266 @@
+"""Size planning: pick the pruning ratio that meets a true-bytes target.
+
+The recipe asks for ``target_size_ratio`` = student bytes / teacher float bytes,
+counted at the *final* stage's bit widths. Bytes after quantization are not a fixed
+multiple of the parameter count (first/last layers stay at 8 bits, per-channel
+scales and float biases add a little), so the planner measures rather than
+guesses: it quantizes the candidate student, reads :func:`~qtemperate.size.model_size`
+and shrinks the pruning ratio until the target is met.
+
+Starting point: ``r0 = target_bytes / bytes(quantize(teacher))`` — bytes are close to
+linear in the parameter count — then ``r ← r · target / bytes · 0.98`` until
+``bytes ≤ target`` (a few rounds at most).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtemperate.pruning import prune
+from qtemperate.quantization import quantize, set_bit_width
+from qtemperate.recipe import Recipe
+from qtemperate.size import model_size
+
+__all__ = ["PlanReport", "StagePlan", "plan_recipe", "plan_stages", "plan_student"]
+
+FLOAT_BITS = 32
+
+
+@dataclass
+class StagePlan:
+    """Size of the student at one stage's bit widths."""
+
+    name: str
+    weight_bits: int
+    act_bits: int
+    params: int
+    macs: int | None
+    bytes: float
+    compression_ratio: float
+
+
+@dataclass
+class PlanReport:
+    """What the planner chose and what it costs, stage by stage."""
+
+    teacher_params: int
+    teacher_macs: int | None
+    teacher_float_bytes: float
+    prune_ratio: float | None
+    target_size_ratio: float | None
+    student_params: int
+    student_macs: int | None
+    student_bytes: float
+    compression_ratio: float
+    stages: list[StagePlan] = field(default_factory=list)
+    rounds: int = 0
+    seconds: float = 0.0
+    prune_report: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _quantized_bytes(
+    model: nn.Module, weight_bits: int, act_bits: int, first_last_bits: int, per_channel: bool
+) -> float:
+    q = quantize(model, weight_bits, act_bits, first_last_bits=first_last_bits, per_channel=per_channel)
+    return float(model_size(q).quantized_bytes)
+
+
+def plan_student(
+    teacher: nn.Module,
+    example_input: torch.Tensor,
+    weight_bits: int,
+    act_bits: int,
+    first_last_bits: int = 8,
+    per_channel: bool = True,
+    target_size_ratio: float | None = None,
+    prune_ratio: float | None = None,
+    importance: str = "l2",
+    iterative_steps: int = 8,
+    max_layer_ratio: float = 0.9,
+    calibration_loader: Iterable[Any] | None = None,
+    max_rounds: int = 4,
+) -> tuple[nn.Module, PlanReport]:
+    """Derive a student from ``teacher`` by pruning to a bytes or parameter target.
+
+    Args:
+        teacher: Float teacher (not modified).
+        example_input: One input batch for tracing and MAC counting.
+        weight_bits: Final stage weight bits (32 = float student).
+        act_bits: Final stage activation bits.
+        target_size_ratio: Student bytes at the final bits / teacher float bytes.
+        prune_ratio: Alternatively, the fraction of parameters to keep.
+
+    Returns:
+        The pruned float student and a :class:`PlanReport` (stages left empty; see
+        :func:`plan_stages`).
+    """
+    if target_size_ratio is not None and prune_ratio is not None:
+        raise ValueError("give target_size_ratio or prune_ratio, not both")
+    t0 = time.perf_counter()
+    t_size = model_size(teacher, example_input)
+    teacher_bytes = float(t_size.float_bytes)
+    quantized = weight_bits != FLOAT_BITS
+
+    def student_bytes(m: nn.Module) -> float:
+        if not quantized:
+            return float(model_size(m).float_bytes)
+        return _quantized_bytes(m, weight_bits, act_bits, first_last_bits, per_channel)
+
+    def do_prune(ratio: float) -> tuple[nn.Module, dict[str, Any] | None]:
+        if ratio >= 0.999:
+            return copy.deepcopy(teacher), None
+        pruned, rep = prune(
+            teacher,
+            example_input,
+            target_params_ratio=ratio,
+            importance=importance,
+            iterative_steps=iterative_steps,
+            max_layer_ratio=max_layer_ratio,
+            calibration_loader=calibration_loader,
+        )
+        return pruned, rep.to_dict()
+
+    rounds = 0
+    chosen: float | None = prune_ratio
+    if target_size_ratio is None:
+        student, rep = do_prune(prune_ratio if prune_ratio is not None else 1.0)
+        sbytes = student_bytes(student)
+    else:
+        target = target_size_ratio * teacher_bytes
+        full = student_bytes(teacher)
+        ratio = 1.0 if full <= target else min(1.0, target / full * 0.99)
+        student, rep = do_prune(ratio)
+        sbytes = student_bytes(student) if ratio < 0.999 else full
+        rounds = 1
+        while sbytes > target and rounds < max_rounds:
+            ratio = ratio * target / sbytes * 0.98
+            student, rep = do_prune(ratio)
+            sbytes = student_bytes(student)
+            rounds += 1
+        if sbytes > target:
+            raise ValueError(
+                f"student.target_size_ratio={target_size_ratio} not reachable: best "
+                f"{sbytes / teacher_bytes:.4f} after {rounds} rounds (raise max_layer_ratio "
+                "or lower the final bit width)"
+            )
+        chosen = ratio
+    s_size = model_size(student, example_input)
+    report = PlanReport(
+        teacher_params=int(t_size.params),
+        teacher_macs=t_size.macs,
+        teacher_float_bytes=teacher_bytes,
+        prune_ratio=chosen,
+        target_size_ratio=target_size_ratio,
+        student_params=int(s_size.params),
+        student_macs=s_size.macs,
+        student_bytes=sbytes,
+        compression_ratio=sbytes / teacher_bytes,
+        rounds=rounds,
+        seconds=time.perf_counter() - t0,
+        prune_report=rep,
+    )
+    return student, report
+
+
+def plan_stages(
+    student: nn.Module,
+    example_input: torch.Tensor,
+    stages: Sequence[tuple[str, int, int]],
+    teacher_float_bytes: float,
+    first_last_bits: int = 8,
+    per_channel: bool = True,
+) -> list[StagePlan]:
+    """Params, MACs and true bytes of ``student`` at each ``(name, w_bits, a_bits)``.
+
+    The model is quantized once, at the first quantized stage, and switched down in
+    place for the later ones — the same path training takes.
+    """
+    fsize = model_size(student, example_input)
+    out: list[StagePlan] = []
+    q: nn.Module | None = None
+    for name, wb, ab in stages:
+        if wb == FLOAT_BITS:
+            nbytes = float(fsize.float_bytes)
+        else:
+            if q is None:
+                q = quantize(student, wb, ab, first_last_bits=first_last_bits, per_channel=per_channel)
+            else:
+                set_bit_width(q, wb, ab)
+            nbytes = float(model_size(q).quantized_bytes)
+        out.append(
+            StagePlan(
+                name=name,
+                weight_bits=wb,
+                act_bits=ab,
+                params=int(fsize.params),
+                macs=fsize.macs,
+                bytes=nbytes,
+                compression_ratio=nbytes / teacher_float_bytes,
+            )
+        )
+    return out
+
+
+def plan_recipe(recipe: Recipe) -> dict[str, Any]:
+    """Dry run of a recipe: no data, no training, no checkpoint needed.
+
+    Builds the teacher architecture (input shape and class count from the dataset
+    name), derives the student exactly as a run would (same planner, no BatchNorm
+    re-estimation), quantizes it through the stages and reports per stage params,
+    MACs, bytes and ``compression_ratio`` (student bytes / teacher float bytes).
+    """
+    from qtemperate.models import build_model
+    from qtemperate.preflight import dataset_info
+
+    t0 = time.perf_counter()
+    info = dataset_info(recipe.data.name, recipe.data.kwargs)
+    kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels, **recipe.teacher.kwargs}
+    teacher = build_model(recipe.teacher.model, **kwargs).eval()
+    example = torch.randn(1, info.in_channels, *info.image_size)
+    s = recipe.student
+    final = recipe.final_stage
+    if s.model is not None:
+        skw = {"num_classes": info.num_classes, "in_channels": info.in_channels, **s.kwargs}
+        base = build_model(s.model, **skw).eval()
+    else:
+        base = teacher
+    t_size = model_size(teacher, example)
+    teacher_bytes = float(t_size.float_bytes)
+    report: PlanReport | None = None
+    if s.model is not None and s.prune_ratio is None and s.target_size_ratio is None:
+        student = base
+    else:
+        student, report = plan_student(
+            base, example, final.weight_bits, final.act_bits,
+            first_last_bits=s.first_last_bits, per_channel=s.per_channel,
+            target_size_ratio=s.target_size_ratio if s.model is None else None,
+            prune_ratio=s.prune_ratio, importance=s.importance,
+            iterative_steps=s.iterative_steps, max_layer_ratio=s.max_layer_ratio,
+        )
+    stages = plan_stages(
+        student, example, [(st.label, st.weight_bits, st.act_bits) for st in recipe.stages],
+        teacher_bytes, first_last_bits=s.first_last_bits, per_channel=s.per_channel,
+    )
+    return {
+        "recipe": recipe.name,
+        "teacher": {"model": recipe.teacher.model, "params": int(t_size.params), "macs": t_size.macs},
+        "teacher_float_bytes": teacher_bytes,
+        "prune_ratio": None if report is None else report.prune_ratio,
+        "target_size_ratio": s.target_size_ratio,
+        "params": stages[-1].params,
+        "macs": stages[-1].macs,
+        "student_bytes": stages[-1].bytes,
+        "compression_ratio": stages[-1].compression_ratio,
+        "stages": [asdict(st) for st in stages],
+        "seconds": time.perf_counter() - t0,
+    }

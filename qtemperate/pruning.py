@@ -1,0 +1,517 @@
+"""Structured channel pruning to a parameter or MAC budget with torch-pruning (DepGraph).
+
+torch-pruning's ``pruning_ratio`` is a per-layer *channel* ratio; what a user wants
+is a budget ("keep half of the parameters"). :func:`prune` bridges the two:
+
+1. A uniform (local) channel ratio ``r`` makes every prunable group keep
+   ``int(n * (1 - r))`` of its ``n`` channels, whichever channels the importance
+   picks, so the parameter / MAC count after pruning is a deterministic,
+   decreasing step function of ``r``. :func:`prune` searches ``r`` with a
+   bracketing secant (Illinois) search on cheap one-shot trial prunings of a
+   copy (random importance, one step) until the count is within half a percent
+   of the target (or the step function's nearest step is found).
+2. The real pruning then runs with the requested importance in
+   ``iterative_steps`` steps (:func:`pruning_plan`) to the found ratio, the
+   result is counted again and, should it miss, ``r`` is corrected and the real
+   pruning redone.
+3. Optionally the BatchNorm statistics are re-estimated on a few batches
+   (:func:`recalibrate_batchnorm`); without that a pruned network's accuracy
+   collapses because the running statistics no longer match the narrower layers.
+
+The input model is never modified: pruning works on a deep copy, so a teacher
+passed in stays intact.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from qtemperate.registry import Registry
+
+__all__ = [
+    "IMPORTANCES",
+    "PruneReport",
+    "count_params_macs",
+    "prune",
+    "pruning_plan",
+    "recalibrate_batchnorm",
+]
+
+IMPORTANCES: Registry[Callable[[], tp.importance.Importance]] = Registry("importance")
+IMPORTANCES.register("l2", lambda: tp.importance.GroupMagnitudeImportance(p=2))
+IMPORTANCES.register("l1", lambda: tp.importance.GroupMagnitudeImportance(p=1))
+IMPORTANCES.register("random", tp.importance.RandomImportance)
+IMPORTANCES.register("lamp", lambda: tp.importance.LAMPImportance(p=2))
+IMPORTANCES.register("fpgm", lambda: tp.importance.FPGMImportance(p=2))
+
+#: Search stops once the trial count is this close to the target (fraction of original).
+_SEARCH_TOL = 0.005
+#: A result further than this from the target (fraction of original) is a miss.
+_ACCEPT_TOL = 0.03
+_MAX_TRIALS = 24
+_MAX_REFINES = 2
+_WIDTH_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` did.
+
+    Attributes:
+        params_before: Parameters of the input model.
+        params_after: Parameters of the pruned model.
+        macs_before: Multiply-accumulates of one forward pass on ``example_inputs``.
+        macs_after: Same, pruned model.
+        params_ratio: ``params_after / params_before``.
+        macs_ratio: ``macs_after / macs_before``.
+        channel_ratio: Uniform per-group channel pruning ratio used (fraction removed).
+        target: ``"params"`` or ``"macs"``.
+        target_ratio: Requested kept fraction of ``target``.
+        importance: Importance criterion name (or class name if an object was given).
+        iterative_steps: Pruning steps of the real run.
+        trials: Trial prunings spent by the ratio search (including refinements).
+        seconds: Wall time of the whole call.
+        layer_widths: Conv/Linear name -> (out channels/features before, after).
+    """
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    params_ratio: float
+    macs_ratio: float
+    channel_ratio: float
+    target: str
+    target_ratio: float
+    importance: str
+    iterative_steps: int
+    trials: int
+    seconds: float
+    layer_widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def achieved_ratio(self) -> float:
+        """The kept fraction of the targeted quantity (params or MACs)."""
+        return self.params_ratio if self.target == "params" else self.macs_ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/W&B-friendly dict (widths as ``[before, after]`` lists)."""
+        out = asdict(self)
+        out["layer_widths"] = {k: list(v) for k, v in self.layer_widths.items()}
+        out["achieved_ratio"] = self.achieved_ratio
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Small public helpers
+# ---------------------------------------------------------------------------
+
+
+def pruning_plan(steps: int, target: float) -> list[float]:
+    """Cumulative channel pruning ratio after each of ``steps`` iterative steps.
+
+    The schedule is linear: step ``i`` (1-based) has removed ``target * i / steps``
+    of every group's original channels, the last step exactly ``target``.
+
+    Args:
+        steps: Number of iterative steps (>= 1).
+        target: Final channel pruning ratio (fraction of channels removed), in [0, 1).
+
+    Returns:
+        ``steps`` non-decreasing ratios ending at ``target``.
+
+    Raises:
+        ValueError: if ``steps`` < 1 or ``target`` is outside [0, 1).
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not 0.0 <= target < 1.0:
+        raise ValueError(f"target must be in [0, 1), got {target!r}")
+    return [target * (i / steps) for i in range(1, steps)] + [float(target)]
+
+
+def _tp_scheduler(pruning_ratio: float, steps: int) -> list[float]:
+    """torch-pruning scheduler signature: a leading 0 for step 0, then the plan."""
+    return [0.0, *pruning_plan(steps, pruning_ratio)]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_params_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    """Parameters and MACs of one forward pass of a float model.
+
+    Parameters are ``sum(p.numel() for p in model.parameters())``; MACs come from
+    ``torch_pruning.utils.count_ops_and_params`` (which runs a deep copy in eval
+    mode, so the model and its BatchNorm statistics are untouched).
+
+    Args:
+        model: A float ``nn.Module``.
+        example_inputs: A tensor, or a tuple/list of positional inputs, or a dict of
+            keyword inputs; moved to the model's device.
+
+    Returns:
+        ``(params, macs)``.
+    """
+    inputs = _to_device(example_inputs, _model_device(model))
+    with torch.no_grad():
+        macs, _ = tp.utils.count_ops_and_params(model, inputs)
+    return _num_params(model), int(macs)
+
+
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], max_batches: int = 20) -> int:
+    """Re-estimate BatchNorm running statistics in place.
+
+    Running statistics are reset and re-accumulated as a cumulative (equal-weight)
+    average (``momentum=None``) over up to ``max_batches`` batches, with only the
+    BatchNorm layers in train mode (dropout etc. stay in eval) and no gradients.
+    The model's training flag and BN momenta are restored afterwards.
+
+    Args:
+        model: Model to recalibrate (modified in place).
+        loader: Yields ``(x, y, ...)`` tuples/lists (first element used) or inputs.
+        max_batches: Upper bound on batches to use (>= 1).
+
+    Returns:
+        Number of batches used.
+
+    Raises:
+        ValueError: if ``max_batches`` < 1.
+    """
+    if max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches!r}")
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    device = _model_device(model)
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    used = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(_to_device(x, device))
+                used += 1
+                if used >= max_batches:
+                    break
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        model.train(was_training)
+    return used
+
+
+# ---------------------------------------------------------------------------
+# Pruning
+# ---------------------------------------------------------------------------
+
+
+def _default_classifier(model: nn.Module) -> nn.Module | None:
+    """The last registered ``nn.Linear`` (else the last conv): its outputs are kept."""
+    last: nn.Module | None = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.conv._ConvNd):
+                last = m
+    return last
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[name] = m.out_features
+    return out
+
+
+class _Pruning:
+    """State shared by the ratio search and the real run (one :func:`prune` call)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        ignored_names: list[str],
+        target: str,
+        max_layer_ratio: float,
+    ) -> None:
+        self.model = model  # unpruned working copy, eval mode
+        self.inputs = example_inputs
+        self.ignored_names = ignored_names
+        self.target = target
+        self.max_layer_ratio = max_layer_ratio
+        self.params0, self.macs0 = count_params_macs(model, example_inputs)
+        self.trials = 0
+
+    def _ignored(self, model: nn.Module) -> list[nn.Module]:
+        return [model.get_submodule(n) for n in self.ignored_names]
+
+    def ratio_upper_bound(self) -> float:
+        """Largest uniform ratio keeping every group at >= (1 - max) of its width (and >= 1)."""
+        dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.inputs)
+        ignored = [s for m in self._ignored(self.model) for s in m.modules()]
+        bound = 1.0
+        for group in dg.get_all_groups(
+            ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]
+        ):
+            n = len(group[0][1])
+            keep = max(1, math.ceil(n * (1.0 - self.max_layer_ratio) - 1e-9))
+            bound = min(bound, 1.0 - keep / n)
+        return max(0.0, bound - 1e-9)
+
+    def run(self, ratio: float, importance: tp.importance.Importance, steps: int) -> nn.Module:
+        """Prune a fresh copy of the working model to channel ratio ``ratio``."""
+        model = copy.deepcopy(self.model)
+        if ratio <= 0.0:
+            return model
+        pruner = tp.pruner.BasePruner(
+            model,
+            self.inputs,
+            importance=importance,
+            pruning_ratio=ratio,
+            max_pruning_ratio=self.max_layer_ratio,
+            iterative_steps=steps,
+            iterative_pruning_ratio_scheduler=_tp_scheduler,
+            ignored_layers=self._ignored(model),
+        )
+        for _ in range(steps):
+            pruner.step()
+        return model
+
+    def measure(self, model: nn.Module) -> float:
+        """Kept fraction of the targeted quantity."""
+        if self.target == "params":
+            return _num_params(model) / self.params0
+        return count_params_macs(model, self.inputs)[1] / self.macs0
+
+    def trial(self, ratio: float) -> float:
+        self.trials += 1
+        return self.measure(self.run(ratio, tp.importance.RandomImportance(), 1))
+
+    def search(self, goal: float, r_max: float) -> tuple[float, float]:
+        """Find the uniform ratio whose kept fraction is nearest ``goal``.
+
+        Illinois (bracketing secant) search on the decreasing step function
+        ``f(r)``; returns ``(ratio, f(ratio))``.
+        """
+        lo, f_lo = 0.0, 1.0  # f_lo >= goal
+        if goal >= 1.0:
+            return lo, f_lo
+        hi, f_hi = r_max, self.trial(r_max)  # want f_hi <= goal
+        if f_hi > goal + _ACCEPT_TOL:
+            raise ValueError(
+                f"target_{self.target}_ratio={goal} is unreachable with "
+                f"max_layer_ratio={self.max_layer_ratio}: the smallest achievable kept "
+                f"fraction is {f_hi:.4f}"
+            )
+        if f_hi >= goal:
+            return hi, f_hi
+        # Initial guess: params/MACs scale roughly with (1 - r)^2.
+        r = min(max(1.0 - math.sqrt(goal), 1e-6), r_max * (1 - 1e-6))
+        side = 0
+        for _ in range(_MAX_TRIALS):
+            f = self.trial(r)
+            if abs(f - goal) <= _SEARCH_TOL:
+                return r, f
+            if f > goal:
+                lo, f_lo = r, f
+                if side == -1:
+                    f_hi = goal + (f_hi - goal) / 2  # Illinois: halve the stale end
+                side = -1
+            else:
+                hi, f_hi = r, f
+                if side == 1:
+                    f_lo = goal + (f_lo - goal) / 2
+                side = 1
+            if hi - lo < 1e-4:
+                break
+            r = lo + (f_lo - goal) * (hi - lo) / (f_lo - f_hi)
+            r = min(max(r, lo + 1e-5 * (hi - lo)), hi - 1e-5 * (hi - lo))
+        # Converged on a step of f: return the closer side (re-measured, the
+        # Illinois halving may have altered the stored values).
+        f_lo_true, f_hi_true = self.trial(lo), self.trial(hi)
+        if abs(f_lo_true - goal) <= abs(f_hi_true - goal):
+            return lo, f_lo_true
+        return hi, f_hi_true
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: Any,
+    target_params_ratio: float | None = None,
+    target_macs_ratio: float | None = None,
+    importance: str | tp.importance.Importance = "l2",
+    iterative_steps: int = 16,
+    ignored_layers: Sequence[nn.Module] | None = None,
+    max_layer_ratio: float = 0.9,
+    calibration_loader: Iterable[Any] | None = None,
+    bn_batches: int = 20,
+) -> tuple[nn.Module, PruneReport]:
+    """Channel-prune a float model to a parameter or MAC budget.
+
+    The input ``model`` is not modified: a deep copy is pruned and returned (in the
+    input's train/eval mode). The classifier (last ``nn.Linear``, or last conv if
+    there is none) and every module in ``ignored_layers`` keep their output width.
+
+    Args:
+        model: Float model (conv/linear/BN; residual adds are followed by DepGraph).
+        example_inputs: Tensor / tuple / dict of example inputs for tracing and MAC
+            counting; moved to the model's device.
+        target_params_ratio: Fraction of parameters to keep, in (0, 1].
+        target_macs_ratio: Fraction of MACs to keep, in (0, 1]. Give exactly one.
+        importance: Key of :data:`IMPORTANCES` (``"l1"``, ``"l2"``, ``"random"``,
+            ``"lamp"``, ``"fpgm"``) or a ``torch_pruning`` importance object.
+        iterative_steps: Steps of the real pruning run (see :func:`pruning_plan`).
+        ignored_layers: Modules of ``model`` whose outputs must not be pruned.
+        max_layer_ratio: Largest fraction of any layer's channels that may be removed,
+            in (0, 1]; every pruned layer keeps >= ``(1 - max_layer_ratio)`` of its
+            width (and at least one channel).
+        calibration_loader: If given, BatchNorm statistics are re-estimated on up to
+            ``bn_batches`` of its batches after pruning (strongly recommended).
+        bn_batches: Batches used for BatchNorm re-estimation.
+
+    Returns:
+        ``(pruned_model, report)``; ``report.achieved_ratio`` is within 0.03 of the
+        target unless the channel granularity of a tiny model forbids it (then a
+        warning is issued).
+
+    Raises:
+        ValueError: on a bad argument (both or neither target, a ratio outside
+            (0, 1], bad ``iterative_steps``/``max_layer_ratio``/``bn_batches``, a
+            module of ``ignored_layers`` not in ``model``) or an unreachable target.
+        KeyError: for an unknown ``importance`` name (the message lists known ones).
+    """
+    start = time.perf_counter()
+    if (target_params_ratio is None) == (target_macs_ratio is None):
+        raise ValueError(
+            "give exactly one of target_params_ratio and target_macs_ratio, got "
+            f"target_params_ratio={target_params_ratio!r}, target_macs_ratio={target_macs_ratio!r}"
+        )
+    if target_params_ratio is not None:
+        target, goal, arg = "params", target_params_ratio, "target_params_ratio"
+    else:
+        target, goal, arg = "macs", target_macs_ratio, "target_macs_ratio"
+    if not isinstance(goal, (int, float)) or isinstance(goal, bool) or not 0.0 < goal <= 1.0:
+        raise ValueError(f"{arg} must be in (0, 1], got {goal!r}")
+    goal = float(goal)
+    if (
+        not isinstance(iterative_steps, int)
+        or isinstance(iterative_steps, bool)
+        or iterative_steps < 1
+    ):
+        raise ValueError(f"iterative_steps must be an int >= 1, got {iterative_steps!r}")
+    if not 0.0 < max_layer_ratio <= 1.0:
+        raise ValueError(f"max_layer_ratio must be in (0, 1], got {max_layer_ratio!r}")
+    if bn_batches < 1:
+        raise ValueError(f"bn_batches must be >= 1, got {bn_batches!r}")
+    if isinstance(importance, str):
+        imp_name = importance
+        imp_factory = IMPORTANCES.get(importance)  # KeyError lists known importances
+    elif isinstance(importance, tp.importance.Importance):
+        imp_name = type(importance).__name__
+
+        def imp_factory() -> tp.importance.Importance:
+            return importance
+
+    else:
+        raise ValueError(
+            f"importance must be a name ({', '.join(IMPORTANCES.keys())}) or a "
+            f"torch_pruning Importance, got {importance!r}"
+        )
+
+    names = {id(m): n for n, m in model.named_modules()}
+    ignored = list(ignored_layers or [])
+    classifier = _default_classifier(model)
+    if classifier is not None:
+        ignored.append(classifier)
+    ignored_names: list[str] = []
+    for m in ignored:
+        if id(m) not in names:
+            raise ValueError(f"ignored_layers contains a module that is not part of model: {m!r}")
+        ignored_names.append(names[id(m)])
+
+    was_training = model.training
+    work = copy.deepcopy(model).eval()  # eval: tracing forwards must not touch BN stats
+    inputs = _to_device(example_inputs, _model_device(work))
+    state = _Pruning(work, inputs, ignored_names, target, max_layer_ratio)
+    widths_before = _widths(work)
+
+    r_max = state.ratio_upper_bound()
+    ratio, predicted = state.search(goal, r_max)
+    pruned = state.run(ratio, imp_factory(), iterative_steps)
+    achieved = state.measure(pruned)
+    for _ in range(_MAX_REFINES):
+        if abs(achieved - goal) <= _ACCEPT_TOL or math.isclose(achieved, predicted):
+            break
+        # The real run disagreed with the trial: shift the goal by the offset and redo.
+        ratio, predicted = state.search(min(1.0, max(1e-6, 2 * goal - achieved)), r_max)
+        pruned = state.run(ratio, imp_factory(), iterative_steps)
+        achieved = state.measure(pruned)
+    if abs(achieved - goal) > _ACCEPT_TOL:
+        warnings.warn(
+            f"pruning reached {target} ratio {achieved:.4f}, more than {_ACCEPT_TOL} from "
+            f"{arg}={goal}: the model's channel granularity is too coarse",
+            stacklevel=2,
+        )
+
+    if calibration_loader is not None:
+        recalibrate_batchnorm(pruned, calibration_loader, bn_batches)
+    pruned.train(was_training)
+
+    params_after, macs_after = count_params_macs(pruned, inputs)
+    widths_after = _widths(pruned)
+    report = PruneReport(
+        params_before=state.params0,
+        params_after=params_after,
+        macs_before=state.macs0,
+        macs_after=macs_after,
+        params_ratio=params_after / state.params0,
+        macs_ratio=macs_after / state.macs0 if state.macs0 else 1.0,
+        channel_ratio=ratio,
+        target=target,
+        target_ratio=goal,
+        importance=imp_name,
+        iterative_steps=iterative_steps,
+        trials=state.trials,
+        seconds=time.perf_counter() - start,
+        layer_widths={n: (w, widths_after.get(n, 0)) for n, w in widths_before.items()},
+    )
+    return pruned, report

@@ -1,0 +1,461 @@
+"""Recipes: YAML files validated into typed objects before anything runs.
+
+A recipe is data. :func:`load_recipe` reads it with ``yaml.safe_load``, applies
+``--set key.path=value`` overrides, and validates it into :class:`Recipe` (pydantic
+v2, unknown keys rejected). Every validation problem becomes a :class:`RecipeError`
+whose message names the field path (``stages.1.weight_bits``) or the file, so the
+CLI can print one line and exit 2 before any training starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "DataConfig",
+    "DistillationConfig",
+    "ExportConfig",
+    "OptimizerConfig",
+    "Recipe",
+    "RecipeError",
+    "StageConfig",
+    "StudentConfig",
+    "TeacherConfig",
+    "TeacherTrainConfig",
+    "TemperatureConfig",
+    "TrackingConfig",
+    "apply_overrides",
+    "load_recipe",
+    "parse_recipe",
+]
+
+FLOAT_BITS = 32
+QUANT_BITS = range(2, 9)
+
+
+# Counts and bit widths must be real integers: YAML's `yes` (a bool) or "8" (a string)
+# silently becoming 1 or 8 would hide a typo.
+Int = Annotated[int, Strict()]
+
+
+class RecipeError(ValueError):
+    """A recipe (or one of the files it names) is invalid. The message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+def _check_bits(value: int) -> int:
+    if value != FLOAT_BITS and value not in QUANT_BITS:
+        raise ValueError(f"bits must be 2..8 or 32 (float), got {value}")
+    return value
+
+
+class TemperatureConfig(_Strict):
+    """The temperature schedule run inside one stage (see :mod:`qtemperate.temperature`).
+
+    ``schedule`` picks the kind: ``temperate`` (warm-up / adaptive / convergence,
+    the default), ``constant`` (fixed T: the edge-device mode and the fixed-T
+    baseline), ``gradient_norm`` (T driven by the student's gradient norm) or
+    ``lookup_table`` (replay ``table``). ``base_temperature`` left empty means "the
+    joint scheduler decides": the largest of ``distillation.temperatures`` raised by
+    the bit-drop coupling rule.
+    """
+
+    schedule: Literal["temperate", "constant", "gradient_norm", "lookup_table"] = "temperate"
+    base_temperature: float | None = Field(default=None, gt=0)
+    alpha: float = Field(default=0.9, gt=0)
+    beta: float = Field(default=0.1, ge=0)
+    warmup: float = Field(default=0.3, ge=0, le=1)
+    adapt_until: float = Field(default=0.8, ge=0, le=1)
+    min_temperature: float = Field(default=1.0, gt=0)
+    max_temperature: float = Field(default=10.0, gt=0)
+    patience: Int = Field(default=5, ge=1)
+    plateau_tol: float = Field(default=1e-3, ge=0)
+    table: list[float] | None = None
+
+    @field_validator("table")
+    @classmethod
+    def _table_positive(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("table must not be empty")
+            if any(t <= 0 for t in v):
+                raise ValueError("table temperatures must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TemperatureConfig:
+        if self.min_temperature > self.max_temperature:
+            raise ValueError("min_temperature must be <= max_temperature")
+        if self.warmup > self.adapt_until:
+            raise ValueError("warmup must be <= adapt_until")
+        if self.schedule == "lookup_table" and self.table is None:
+            raise ValueError("schedule 'lookup_table' needs a table")
+        return self
+
+
+class StageConfig(_Strict):
+    """One bit-width stage: ``epochs`` of training at ``weight_bits``/``act_bits``.
+
+    32/32 is a float stage; quantized stages use 2..8 bits.
+    """
+
+    name: str | None = None
+    epochs: Int = Field(gt=0)
+    weight_bits: Int = FLOAT_BITS
+    act_bits: Int = FLOAT_BITS
+    lr: float | None = Field(default=None, gt=0)
+    temperature: TemperatureConfig = Field(default_factory=TemperatureConfig)
+
+    _bits = field_validator("weight_bits", "act_bits")(_check_bits)
+
+    @model_validator(mode="after")
+    def _float_or_quant(self) -> StageConfig:
+        if (self.weight_bits == FLOAT_BITS) != (self.act_bits == FLOAT_BITS):
+            raise ValueError("weight_bits and act_bits must both be 32 (float) or both 2..8")
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_bits != FLOAT_BITS
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return "float" if not self.quantized else f"w{self.weight_bits}a{self.act_bits}"
+
+
+class TeacherTrainConfig(_Strict):
+    """Train the teacher from scratch inside the run (no pretrained weights exist here)."""
+
+    epochs: Int = Field(gt=0)
+    lr: float = Field(default=0.05, gt=0)
+
+
+class TeacherConfig(_Strict):
+    """The teacher: a registry name or import path, and a checkpoint and/or training."""
+
+    model: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Path | None = None
+    train: TeacherTrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _has_weights(self) -> TeacherConfig:
+        if self.checkpoint is None and self.train is None:
+            raise ValueError("give a checkpoint or train: {epochs: N}")
+        return self
+
+
+class StudentConfig(_Strict):
+    """The student: derived from the teacher by pruning, or its own architecture.
+
+    Size targets: ``target_size_ratio`` is the student's true quantized bytes over
+    the teacher's float bytes (the planner picks the pruning ratio from the final
+    stage's bit widths); ``prune_ratio`` instead keeps that fraction of parameters.
+    """
+
+    model: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    target_size_ratio: float | None = Field(default=None, gt=0, le=1)
+    prune_ratio: float | None = Field(default=None, gt=0, le=1)
+    importance: str = "l2"
+    iterative_steps: Int = Field(default=8, ge=1)
+    max_layer_ratio: float = Field(default=0.9, gt=0, lt=1)
+    first_last_bits: Int = 8
+    per_channel: bool = True
+    calibration_batches: Int = Field(default=8, ge=0)
+
+    @field_validator("first_last_bits")
+    @classmethod
+    def _fl_bits(cls, v: int) -> int:
+        if v not in QUANT_BITS:
+            raise ValueError(f"bits must be 2..8, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_target(self) -> StudentConfig:
+        if self.target_size_ratio is not None and self.prune_ratio is not None:
+            raise ValueError("give target_size_ratio or prune_ratio, not both")
+        return self
+
+
+DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "imagenet", "synthetic"]
+
+
+class DataConfig(_Strict):
+    """Where the data comes from. No downloads: files must already be on disk.
+
+    ``val_fraction`` holds out a stratified part of the training set whose loss drives
+    the temperature schedule; with 0 the test split's loss does (accuracy is always
+    reported on the test split).
+    """
+
+    name: DatasetName
+    root: Path | None = None
+    batch_size: Int = Field(default=128, gt=0)
+    eval_batch_size: Int = Field(default=512, gt=0)
+    limit_train: Int | None = Field(default=None, gt=0)
+    limit_test: Int | None = Field(default=None, gt=0)
+    val_fraction: float = Field(default=0.0, ge=0, lt=1)
+    augment: bool = False
+    num_workers: Int = Field(default=0, ge=0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DistillationConfig(_Strict):
+    """The Temperate loss and the bit-drop coupling rule of the joint scheduler."""
+
+    kd_weight: float = Field(default=0.9, ge=0, le=1)
+    temperatures: list[float] = Field(default_factory=lambda: [4.0], min_length=1)
+    weights: list[float] | None = None
+    coupling: Literal["bit_drop", "none"] = "bit_drop"
+    temperature_step_per_halving: float = Field(default=1.0, ge=0)
+    weight_shift: float = Field(default=0.25, ge=0)
+    cache_teacher_logits: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive_t(cls, v: list[float]) -> list[float]:
+        if any(not math.isfinite(t) or t <= 0 for t in v):
+            raise ValueError("temperatures must be finite and > 0")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _nonneg_w(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            if any(w < 0 for w in v):
+                raise ValueError("weights must be non-negative")
+            if not any(w > 0 for w in v):
+                raise ValueError("weights must not all be zero")
+        return v
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DistillationConfig:
+        if self.weights is not None and len(self.weights) != len(self.temperatures):
+            raise ValueError(
+                f"weights has {len(self.weights)} entries but temperatures has {len(self.temperatures)}"
+            )
+        return self
+
+
+class OptimizerConfig(_Strict):
+    """Optimizer and learning-rate schedule (cosine within each stage by default)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    nesterov: bool = True
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = Field(default=5.0, gt=0)
+
+
+class TrackingConfig(_Strict):
+    """Metric loggers: ``jsonl`` (metrics.jsonl), ``console`` and ``wandb``."""
+
+    loggers: list[Literal["jsonl", "console", "wandb"]] = Field(
+        default_factory=lambda: ["jsonl", "console", "wandb"]
+    )
+    project: str = "qtemperate"
+    group: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    tags: list[str] = Field(default_factory=list)
+    log_every: Int = Field(default=10, ge=1)
+
+
+class ExportConfig(_Strict):
+    """ONNX export of the student, checked and timed in onnxruntime."""
+
+    onnx: bool = True
+    verify_samples: Int = Field(default=256, ge=1)
+    benchmark: bool = True
+    batch_sizes: list[Annotated[Int, Field(gt=0)]] = Field(default_factory=lambda: [1, 64], min_length=1)
+    benchmark_iters: Int = Field(default=20, ge=1)
+
+
+class Recipe(_Strict):
+    """A whole qtemperate run: teacher, student, data, stages, distillation, tracking."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    seed: Int = 0
+    output_dir: Path = Path("runs")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig
+    teacher: TeacherConfig
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    stages: list[StageConfig] = Field(min_length=1)
+    distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_order(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        if not stages[-1].quantized:
+            raise ValueError("the last stage must be quantized (weight_bits/act_bits 2..8)")
+        seen_quant = False
+        prev: StageConfig | None = None
+        for i, st in enumerate(stages):
+            if st.quantized:
+                seen_quant = True
+            elif seen_quant:
+                raise ValueError(f"stage {i} is float after a quantized stage")
+            if prev is not None and prev.quantized and (
+                st.weight_bits > prev.weight_bits or st.act_bits > prev.act_bits
+            ):
+                raise ValueError(f"stage {i} raises the bit width; stages must go down in bits")
+            prev = st
+        return stages
+
+    @property
+    def final_stage(self) -> StageConfig:
+        return self.stages[-1]
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+    @property
+    def group(self) -> str:
+        """W&B group: runs of one recipe family share it (default: the recipe name)."""
+        return self.tracking.group or self.name
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML (what a run stores as ``recipe.yaml``)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_loc(loc: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in loc) or "(recipe)"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = _format_loc(p for p in first["loc"] if not str(p).startswith("function-after"))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    msg = msg.removeprefix("Value error, ")
+    more = len(err.errors()) - 1
+    tail = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {loc}: {msg}{tail}"
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise RecipeError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {key}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw recipe dict.
+
+    List items are addressed by index (``stages.1.epochs=3``). Intermediate mappings
+    are created when missing, so ``--set student.prune_ratio=0.5`` works on a recipe
+    without a ``student`` section; unknown keys are then caught by validation.
+    """
+    for text in overrides:
+        path, value = _parse_override(text)
+        node: Any = raw
+        for depth, part in enumerate(path[:-1]):
+            where = ".".join(path[: depth + 1])
+            if isinstance(node, list):
+                node = _list_item(node, part, where)
+            elif isinstance(node, dict):
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise RecipeError(f"--set {'.'.join(path)}: {where} is not a mapping or list")
+        last = path[-1]
+        if isinstance(node, list):
+            idx = _list_index(node, last, ".".join(path))
+            node[idx] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError(f"--set {'.'.join(path)}: parent is not a mapping or list")
+    return raw
+
+
+def _list_index(node: list[Any], part: str, where: str) -> int:
+    try:
+        idx = int(part)
+    except ValueError:
+        raise RecipeError(f"--set {where}: {part!r} is not a list index") from None
+    if not -len(node) <= idx < len(node):
+        raise RecipeError(f"--set {where}: index {idx} out of range (list has {len(node)} items)")
+    return idx
+
+
+def _list_item(node: list[Any], part: str, where: str) -> Any:
+    return node[_list_index(node, part, where)]
+
+
+def parse_recipe(raw: Any, source: str = "recipe", overrides: Iterable[str] = ()) -> Recipe:
+    """Validate an already-loaded mapping into a :class:`Recipe`.
+
+    Raises:
+        RecipeError: one line naming the source and the first bad field.
+    """
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    data = apply_overrides(copy.deepcopy(dict(raw)), overrides)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read a YAML recipe with ``yaml.safe_load`` and validate it.
+
+    Args:
+        path: The recipe file.
+        overrides: ``key.path=value`` strings (the CLI's ``--set``).
+
+    Raises:
+        RecipeError: the file is missing, is not valid YAML, or a field is invalid;
+            the message names the file and the field.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: recipe file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError(f"{p}: malformed YAML{where}") from None
+    return parse_recipe(raw, source=str(p), overrides=overrides)

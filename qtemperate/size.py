@@ -1,0 +1,170 @@
+"""Model size, compression and MACs for float and Brevitas-quantized models.
+
+Byte counts (``b_w`` = a layer's weight bit width, 32 for float layers):
+
+    float_bytes     = 4 * params
+    quantized_bytes = sum_quant layers [ n_weight * b_w / 8 + 4 * n_weight_scales + bias_bytes ]
+                    + sum_float params  4 * n
+                    + sum_act quantizers 4 * n_scale_params
+
+with ``n_weight_scales`` = number of output channels (per-channel) or 1 (per-tensor),
+``bias_bytes`` = ``4 * n_bias`` (biases stay float32 in :mod:`qtemperate.quantization`;
+an int-quantized Brevitas bias would count at its bit width), and zero points counted as 0
+bytes (all quantizers are symmetric, zero point 0). ``compression_ratio`` is
+``quantized_bytes / float_bytes``: a fraction, below 1 when quantization shrinks the model
+(about 0.25 for an 8-bit model, 0.125 for 4 bits), exactly 1.0 for a float model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtemperate.quantization import get_bit_widths
+
+__all__ = ["SizeReport", "count_macs", "model_size"]
+
+FLOAT_BITS = 32
+_QUANTIZER_ATTRS = ("weight_quant", "bias_quant", "input_quant", "output_quant", "act_quant")
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """Size of a model at float and at its real (quantized) precision.
+
+    Attributes:
+        float_bytes: ``4 * params``.
+        quantized_bytes: bytes at the real bit widths (see module docstring).
+        compression_ratio: ``quantized_bytes / float_bytes`` (1.0 for a float model).
+        params: number of weight + bias (and other non-quantizer) parameters.
+        macs: multiply-accumulates per sample of conv/linear layers, None without an example input.
+        bits: ``{layer_name: weight_bits}`` for every layer owning a weight (32 = float).
+    """
+
+    float_bytes: int
+    quantized_bytes: float
+    compression_ratio: float
+    params: int
+    macs: int | None = None
+    bits: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict view (for logging)."""
+        return asdict(self)
+
+
+def _is_quantizer_param(name: str) -> bool:
+    return any(part in _QUANTIZER_ATTRS for part in name.split("."))
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates per sample of every conv and linear layer (forward-hook pass).
+
+    For a convolution with output ``(N, C_out, *S)``: ``C_out * prod(S) * C_in/groups * prod(k)``;
+    for a linear layer with output ``(N, ..., F_out)``: ``prod(out.shape[1:]) * F_in``.
+    Brevitas ``QuantConv*``/``QuantLinear`` subclass the torch layers and are counted the same.
+    Other ops (adds, pools, activations) are not counted.
+
+    Args:
+        model: float or quantized model (run in eval mode under ``no_grad``; mode restored).
+        example_input: a batch; the count is divided by its batch size.
+
+    Returns:
+        MACs per sample.
+    """
+    total = 0
+    batch = int(example_input.shape[0])
+
+    def hook(mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        out_t = out.value if hasattr(out, "value") else out
+        per_sample = out_t.numel() // max(batch, 1)
+        if isinstance(mod, nn.Linear):
+            total += per_sample * mod.in_features
+        else:
+            k = 1
+            for s in mod.kernel_size:
+                k *= int(s)
+            total += per_sample * (mod.in_channels // mod.groups) * k
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            model(example_input.to(device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
+
+
+def model_size(model: nn.Module, example_input: torch.Tensor | None = None) -> SizeReport:
+    """Compute the :class:`SizeReport` of a float or quantized model.
+
+    Args:
+        model: any ``nn.Module``; Brevitas layers are counted at their live bit widths.
+        example_input: optional batch for :func:`count_macs`; ``macs`` is None without it.
+
+    Returns:
+        The size report.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> r = model_size(nn.Linear(10, 2))
+        >>> (r.params, r.float_bytes, r.compression_ratio)
+        (22, 88, 1.0)
+    """
+    live_bits = get_bit_widths(model)
+    params = 0
+    qbytes = 0.0
+    bits: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        own = dict(mod.named_parameters(recurse=False))
+        if not own:
+            continue
+        if _is_quantizer_param(name):
+            # learned activation thresholds / scales: one float32 each, not model params
+            qbytes += 4 * sum(p.numel() for p in own.values())
+            continue
+        params += sum(p.numel() for p in own.values())
+        w_bits = live_bits.get(name, {}).get("weight")
+        weight = own.get("weight")
+        if weight is not None:
+            bits[name] = w_bits if w_bits is not None else FLOAT_BITS
+        for pname, p in own.items():
+            if pname == "weight" and w_bits is not None:
+                n_scales = mod.quant_weight().scale.numel()
+                qbytes += p.numel() * w_bits / 8 + 4 * n_scales
+            elif pname == "bias" and _bias_bits(mod) is not None:
+                qbytes += p.numel() * _bias_bits(mod) / 8
+            else:
+                qbytes += 4 * p.numel()
+    float_bytes = 4 * params
+    ratio = qbytes / float_bytes if float_bytes else 1.0
+    macs = count_macs(model, example_input) if example_input is not None else None
+    return SizeReport(
+        float_bytes=float_bytes,
+        quantized_bytes=qbytes,
+        compression_ratio=ratio,
+        params=params,
+        macs=macs,
+        bits=bits,
+    )
+
+
+def _bias_bits(mod: nn.Module) -> int | None:
+    proxy = getattr(mod, "bias_quant", None)
+    if proxy is None or not getattr(proxy, "is_quant_enabled", False):
+        return None
+    bw = proxy.bit_width()
+    return int(bw) if bw is not None else None

@@ -1,0 +1,146 @@
+"""The command line: bad input exits 2 with one line naming the field; plan; compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from qtemperate.cli import main
+from qtemperate.compare import pareto_front
+from tests.pipeline_helpers import tiny_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, raw: dict, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+BAD = [
+    ({"stages": [{"epochs": 1, "weight_bits": 9, "act_bits": 8}]}, "stages.0.weight_bits"),
+    ({"stages": [{"epochs": 0, "weight_bits": 8, "act_bits": 8}]}, "stages.0.epochs"),
+    ({"stages": [{"epochs": 1}]}, "stages"),
+    ({"distillation": {"temperatures": [4.0, -1.0]}}, "distillation.temperatures"),
+    ({"distillation": {"temperatures": [4.0, 2.0], "weights": [1.0, -1.0]}}, "distillation.weights"),
+    ({"colour": "blue"}, "colour"),
+    ({"teacher": {"model": "small_cnn", "train": {"epochs": 1}, "chekpoint": "x"}}, "teacher.chekpoint"),
+]
+
+
+@pytest.mark.parametrize(("patch", "field"), BAD)
+def test_validate_bad_recipe_exits_2_naming_field(tmp_path: Path, capsys: pytest.CaptureFixture[str], patch: dict, field: str) -> None:
+    path = _write(tmp_path, tiny_recipe(tmp_path, **patch))
+    assert main(["validate", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert field in line and str(path) in line
+
+
+def test_malformed_yaml_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nstages: [\n")
+    assert main(["run", str(p)]) == 2
+    assert "malformed YAML" in _one_error_line(capsys)
+
+
+def test_missing_checkpoint_exits_2_and_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_recipe(tmp_path, teacher={"model": "small_cnn", "checkpoint": str(tmp_path / "nope.pt"), "train": None})
+    path = _write(tmp_path, raw)
+    assert main(["run", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert "teacher.checkpoint" in line and "nope.pt" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_class_count_mismatch_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qtemperate.models import build_model
+
+    ckpt = tmp_path / "teacher100.pt"
+    torch.save(build_model("small_cnn", num_classes=100, in_channels=1, width=8).state_dict(), ckpt)
+    raw = tiny_recipe(tmp_path, teacher={"model": "small_cnn", "kwargs": {"width": 8}, "checkpoint": str(ckpt), "train": None})
+    assert main(["run", str(_write(tmp_path, raw))]) == 2
+    line = _one_error_line(capsys)
+    assert "teacher.checkpoint" in line and "100" in line and "10 classes" in line
+
+
+def test_missing_data_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_recipe(tmp_path, data={"name": "cifar10", "root": str(tmp_path / "no-cifar")})
+    assert main(["run", str(_write(tmp_path, raw))]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("qtemperate: error: data:") and "no-cifar" in line
+
+
+def test_bad_set_override_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, tiny_recipe(tmp_path))
+    assert main(["validate", str(path), "--set", "stages.5.epochs=2"]) == 2
+    assert "stages.5" in _one_error_line(capsys)
+
+
+def test_resume_without_checkpoint_touches_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, tiny_recipe(tmp_path))
+    existing = tmp_path / "runs" / "tiny"
+    existing.mkdir(parents=True)
+    (existing / "notes.txt").write_text("keep me")
+    assert main(["run", str(path), "--resume"]) == 2
+    assert "--resume" in _one_error_line(capsys)
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+
+
+def test_every_shipped_recipe_validates(capsys: pytest.CaptureFixture[str]) -> None:
+    recipes = sorted(str(p) for p in (ROOT / "recipes").glob("*.yaml"))
+    assert recipes
+    assert main(["validate", *recipes]) == 0
+    assert capsys.readouterr().out.count("ok:") == len(recipes)
+
+
+def test_plan_json_resnet50_meets_one_eighth(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(ROOT / "recipes" / "resnet50_1of8.yaml"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compression_ratio"] <= 0.125
+    # Independent check of the ratio's definition and of the teacher's float bytes.
+    assert out["teacher_float_bytes"] == 4 * 25_557_032
+    assert out["compression_ratio"] == pytest.approx(out["student_bytes"] / out["teacher_float_bytes"])
+    assert [(s["weight_bits"], s["act_bits"]) for s in out["stages"]] == [(8, 8), (4, 4)]
+    assert out["stages"][0]["bytes"] > out["stages"][1]["bytes"]
+
+
+def test_pareto_front_closed_form() -> None:
+    pts = [(0.10, 0.90), (0.05, 0.85), (0.20, 0.89), (0.05, 0.80), (0.30, 0.95)]
+    assert pareto_front(pts) == [True, True, False, False, True]
+
+
+def test_compare_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dirs = []
+    for i, (ratio, acc) in enumerate([(0.1, 0.9), (0.05, 0.85), (0.2, 0.88)]):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({
+            "teacher_acc": 0.92, "student_acc": acc, "acc_drop": 0.92 - acc, "compression_ratio": ratio,
+            "student_bytes": ratio * 1e6, "params": 1000, "onnx_latency_ms": {"1": 0.5},
+        }))
+        dirs.append(str(d))
+    out_png = tmp_path / "pareto.png"
+    assert main(["compare", *dirs, "--out", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    assert "run1" in text and "pareto plot" in text
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [line for line in text.splitlines() if line[:3] == "run" and line[3:4].isdigit()]
+    assert [line.split()[0] for line in lines] == ["run1", "run0", "run2"]  # sorted by size
+    assert lines[2].rstrip().endswith("0.500") # run2 dominated: no star
+
+
+def test_compare_missing_summary_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", str(tmp_path), "--no-plot"]) == 2
+    assert "summary.json" in _one_error_line(capsys)

@@ -1,0 +1,280 @@
+"""Tests for qtemperate.pruning: budgets hit, channels really removed, BN re-estimation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from qtemperate.models import build_model
+from qtemperate.pruning import (
+    IMPORTANCES,
+    PruneReport,
+    count_params_macs,
+    prune,
+    pruning_plan,
+    recalibrate_batchnorm,
+)
+
+TOL = 0.03
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _out_widths(model: nn.Module) -> dict[str, int]:
+    """Independent walk: out channels of convs from the weight tensors themselves."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            out[name] = m.weight.shape[0]
+    return out
+
+
+def _conv_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Independent MAC count of convs + linears (dominant terms) via forward hooks."""
+    total = 0
+
+    def hook(m: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += out.numel() * m.weight[0].numel()
+        else:
+            total += out.numel() * m.in_features
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    was_training = model.training
+    with torch.no_grad():
+        model.eval()(x)
+    model.train(was_training)
+    for h in handles:
+        h.remove()
+    return total
+
+
+@pytest.fixture(scope="module")
+def resnet20() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet20")
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_resnet20_hits_target(resnet20: nn.Module, kind: str) -> None:
+    x = torch.randn(1, 3, 32, 32)
+    before_sd = {k: v.clone() for k, v in resnet20.state_dict().items()}
+    kwargs = {f"target_{kind}_ratio": 0.5}
+    assert resnet20.training
+    pruned, report = prune(resnet20, x, **kwargs)
+    assert pruned.training  # returned in the input's mode
+
+    # The input model is untouched.
+    assert all(torch.equal(v, resnet20.state_dict()[k]) for k, v in before_sd.items())
+    assert _numel(resnet20) == report.params_before == 272_474
+
+    # Budget hit, counted independently.
+    params_ratio = _numel(pruned) / _numel(resnet20)
+    macs_ratio = _conv_macs(pruned, x) / _conv_macs(resnet20, x)
+    achieved = params_ratio if kind == "params" else macs_ratio
+    assert abs(achieved - 0.5) <= TOL
+    assert report.params_after == _numel(pruned)
+    assert report.params_ratio == pytest.approx(params_ratio)
+    assert report.macs_ratio == pytest.approx(macs_ratio, abs=0.01)  # BN/ReLU MACs aside
+    assert report.achieved_ratio == (report.params_ratio if kind == "params" else report.macs_ratio)
+
+    # Channels really removed; classifier keeps its outputs; forward works.
+    before, after = _out_widths(resnet20), _out_widths(pruned)
+    assert sum(after[n] < before[n] for n in before if n != "fc") == len(before) - 1
+    assert after["fc"] == 10 and pruned.fc.out_features == 10
+    assert pruned.fc.in_features == pruned.layer3[-1].conv2.out_channels < 64
+    assert {n: (before[n], after[n]) for n in before} == report.layer_widths
+    with torch.no_grad():
+        assert pruned.eval()(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_widths_follow_uniform_channel_ratio(resnet20: nn.Module) -> None:
+    # Local pruning at ratio r keeps int(n * (1 - r)) channels of every group,
+    # whatever the importance criterion.
+    x = torch.randn(1, 3, 32, 32)
+    pruned, report = prune(resnet20, x, target_params_ratio=0.6, importance="l1")
+    r = report.channel_ratio
+    for name, (before, after) in report.layer_widths.items():
+        if name != "fc":
+            assert after == int(before * (1 - r)), name
+    other, _ = prune(resnet20, x, target_params_ratio=0.6, importance="random")
+    assert _out_widths(other) == _out_widths(pruned)
+
+
+def test_max_layer_ratio_respected(resnet20: nn.Module) -> None:
+    x = torch.randn(1, 3, 32, 32)
+    pruned, report = prune(resnet20, x, target_params_ratio=0.3, max_layer_ratio=0.5)
+    assert abs(report.params_ratio - 0.3) <= TOL
+    before, after = _out_widths(resnet20), _out_widths(pruned)
+    for name in before:
+        assert after[name] >= 0.5 * before[name], name
+    # 0.3 of the params cannot be reached keeping >= 80 % of every layer.
+    with pytest.raises(ValueError, match="unreachable"):
+        prune(resnet20, x, target_params_ratio=0.3, max_layer_ratio=0.2)
+
+
+def test_ignored_layers_keep_their_group(resnet20: nn.Module) -> None:
+    # The stem's output feeds stage 1's residual adds: ignoring it keeps that group whole.
+    x = torch.randn(1, 3, 32, 32)
+    pruned, _ = prune(resnet20, x, target_params_ratio=0.7, ignored_layers=[resnet20.conv1])
+    assert pruned.conv1.out_channels == 16
+    assert all(b.conv2.out_channels == 16 for b in pruned.layer1)
+    assert pruned.layer1[0].conv1.out_channels < 16  # inner block channels still pruned
+
+
+def test_target_one_is_identity(resnet20: nn.Module) -> None:
+    pruned, report = prune(resnet20, torch.randn(1, 3, 32, 32), target_macs_ratio=1.0)
+    assert report.channel_ratio == 0.0 and report.params_after == report.params_before
+    assert pruned is not resnet20
+
+
+def test_resnet50_params_target_and_report() -> None:
+    model = build_model("resnet50")
+    x = torch.randn(1, 3, 224, 224)
+    pruned, report = prune(model, x, target_params_ratio=0.9, iterative_steps=4)
+    assert abs(_numel(pruned) / 25_557_032 - 0.9) <= TOL
+    assert report.params_before == 25_557_032
+    assert report.macs_before == pytest.approx(4.1e9, rel=0.02)  # ~4.1 GMACs, published
+    assert pruned.fc.out_features == 1000
+    assert pruned.layer4[-1].conv3.out_channels < 2048
+    with torch.no_grad():
+        assert pruned.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    d = report.to_dict()
+    json.dumps(d)
+    assert d["layer_widths"]["fc"] == [1000, 1000]
+    assert d["params_after"] == _numel(pruned)
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    x, y = x[perm], y[perm]
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+def test_bn_reestimation_recovers_accuracy_on_digits() -> None:
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = _digits()
+    model = build_model("small_cnn", in_channels=1, width=16)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    model.train()
+    for _ in range(300):
+        idx = torch.randint(0, len(xtr), (64,))
+        loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def accuracy(m: nn.Module) -> float:
+        with torch.no_grad():
+            return (m.eval()(xte).argmax(1) == yte).float().mean().item()
+
+    assert accuracy(model) > 0.9
+    loader = [(xtr[i : i + 64], ytr[i : i + 64]) for i in range(0, 1280, 64)]
+    plain, _ = prune(model, xtr[:1], target_params_ratio=0.5)
+    calibrated, report = prune(model, xtr[:1], target_params_ratio=0.5, calibration_loader=loader)
+    assert abs(report.params_ratio - 0.5) <= TOL
+    acc_plain, acc_cal = accuracy(plain), accuracy(calibrated)
+    assert acc_cal >= acc_plain
+    assert acc_cal >= 0.5  # chance is 0.1
+
+
+def test_recalibrate_batchnorm_closed_form() -> None:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3, momentum=0.1)
+    model = nn.Sequential(bn, nn.Dropout(0.5))
+    batches = [torch.randn(4, 3, 5, 5) * (i + 1) + i for i in range(6)]
+    used = recalibrate_batchnorm(model, [(b, 0) for b in batches], max_batches=5)
+    assert used == 5
+    data = torch.stack(batches[:5])  # (5, 4, 3, 5, 5)
+    # Cumulative average of per-batch mean and unbiased variance.
+    means = data.mean(dim=(1, 3, 4))
+    vars_ = data.transpose(1, 2).reshape(5, 3, -1).var(dim=2, unbiased=True)
+    torch.testing.assert_close(bn.running_mean, means.mean(0))
+    torch.testing.assert_close(bn.running_var, vars_.mean(0))
+    assert bn.momentum == 0.1 and model.training  # restored
+    with pytest.raises(ValueError, match="max_batches"):
+        recalibrate_batchnorm(model, batches, max_batches=0)
+
+
+def test_count_params_macs_closed_form() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
+    )
+    params, macs = count_params_macs(model, torch.randn(1, 2, 6, 6))
+    assert params == 4 * 2 * 9 + 4 * 36 * 5 + 5
+    assert macs == 4 * 36 * (2 * 9) + 4 * 36 * 5 + 5  # conv + linear (incl. bias adds)
+
+
+def test_pruning_plan() -> None:
+    assert pruning_plan(4, 0.4) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert pruning_plan(1, 0.25) == [0.25]
+    plan = pruning_plan(16, 0.37)
+    assert len(plan) == 16 and plan[-1] == 0.37 and plan == sorted(plan)
+    with pytest.raises(ValueError, match="steps"):
+        pruning_plan(0, 0.5)
+    with pytest.raises(ValueError, match="target"):
+        pruning_plan(3, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_params_ratio": 0.5, "target_macs_ratio": 0.5}, "exactly one"),
+        ({}, "exactly one"),
+        ({"target_params_ratio": 0.0}, "target_params_ratio"),
+        ({"target_macs_ratio": 1.5}, "target_macs_ratio"),
+        ({"target_params_ratio": -0.2}, "target_params_ratio"),
+        ({"target_params_ratio": 0.5, "iterative_steps": 0}, "iterative_steps"),
+        ({"target_params_ratio": 0.5, "max_layer_ratio": 0.0}, "max_layer_ratio"),
+        ({"target_params_ratio": 0.5, "ignored_layers": [nn.Linear(2, 2)]}, "ignored_layers"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    model = build_model("small_cnn", width=4)
+    with pytest.raises(ValueError, match=match):
+        prune(model, torch.randn(1, 1, 8, 8), **kwargs)
+
+
+def test_unknown_importance_lists_known() -> None:
+    model = build_model("small_cnn", width=4)
+    with pytest.raises(KeyError) as info:
+        prune(model, torch.randn(1, 1, 8, 8), target_params_ratio=0.5, importance="l3")
+    msg = str(info.value)
+    assert "importance" in msg and "'l3'" in msg
+    assert all(k in msg for k in ("l1", "l2", "random"))
+    assert {"l1", "l2", "random"} <= set(IMPORTANCES.keys())
+
+
+def test_report_to_dict_roundtrip() -> None:
+    model = build_model("small_cnn", width=8)
+    _, report = prune(model, torch.randn(1, 1, 8, 8), target_params_ratio=0.6)
+    d = report.to_dict()
+    assert isinstance(report, PruneReport)
+    assert set(d) >= {
+        "params_before",
+        "params_after",
+        "macs_before",
+        "macs_after",
+        "params_ratio",
+        "macs_ratio",
+        "channel_ratio",
+        "layer_widths",
+    }
+    assert d["params_ratio"] == pytest.approx(d["params_after"] / d["params_before"])
+    assert d["macs_ratio"] == pytest.approx(d["macs_after"] / d["macs_before"])

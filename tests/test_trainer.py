@@ -1,0 +1,140 @@
+"""End-to-end pipeline tests on real (tiny) data: every output, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtemperate.checkpoint import load_checkpoint, load_student
+from qtemperate.recipe import parse_recipe
+from qtemperate.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+from tests.pipeline_helpers import tiny_recipe
+
+SUMMARY_KEYS = {
+    "teacher_acc", "student_acc", "acc_drop", "teacher_float_bytes", "student_bytes",
+    "compression_ratio", "params", "macs", "stages", "onnx_latency_ms", "wall_time_s",
+}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One complete run with every output (W&B offline, ONNX export, benchmark)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    raw = tiny_recipe(
+        tmp,
+        tracking={"loggers": ["jsonl", "wandb"], "mode": "offline", "log_every": 5},
+        export={"onnx": True, "verify_samples": 128, "batch_sizes": [1, 8], "benchmark_iters": 3},
+    )
+    recipe = parse_recipe(raw)
+    run_dir = tmp / "runs" / "tiny"
+    summary = Trainer(recipe, run_dir=run_dir, progress=False).run()
+    return run_dir, summary
+
+
+def test_run_writes_every_output(full_run: tuple[Path, dict]) -> None:
+    run_dir, summary = full_run
+    for name in ("recipe.yaml", "metrics.jsonl", "summary.json", "student.pt", "student.onnx", "checkpoint.pt"):
+        assert (run_dir / name).is_file(), name
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert set(on_disk) >= SUMMARY_KEYS
+    assert on_disk["student_acc"] == pytest.approx(summary["student_acc"])
+
+
+def test_summary_is_consistent(full_run: tuple[Path, dict]) -> None:
+    _, s = full_run
+    # compression_ratio is defined as student bytes / teacher float bytes.
+    assert s["compression_ratio"] == pytest.approx(s["student_bytes"] / s["teacher_float_bytes"])
+    assert s["compression_ratio"] <= 0.125
+    assert s["acc_drop"] == pytest.approx(s["teacher_acc"] - s["student_acc"])
+    assert s["teacher_acc"] > 0.8  # digits: a trained small CNN
+    assert s["student_acc"] > 0.5  # 10 classes: far above chance after W4A4
+    assert [(st["weight_bits"], st["act_bits"]) for st in s["stages"]] == [(8, 8), (4, 4)]
+    assert s["stages"][1]["bytes"] < s["stages"][0]["bytes"]
+    assert s["teacher_float_bytes"] == 4 * s["teacher_params"]
+    assert s["params"] < s["teacher_params"]  # really pruned
+    assert set(s["onnx_latency_ms"]) == {"1", "8"} and all(v > 0 for v in s["onnx_latency_ms"].values())
+    assert s["onnx_top1_agreement"] >= 0.99
+    assert s["teacher_logits_cached"] is True
+
+
+def test_metrics_jsonl_has_steps_and_epochs(full_run: tuple[Path, dict]) -> None:
+    run_dir, _ = full_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    epochs = [r for r in rows if "test/acc" in r]
+    assert len(epochs) == 3
+    assert steps and {"train/T", "train/weight_bits", "train/kd_loss", "train/task_loss", "train/lr"} <= set(steps[0])
+    assert any("train/kd_T6" in r for r in steps)
+    # Bits drop 8 -> 4 at the stage boundary, as the scheduler says.
+    assert [r["weight_bits"] for r in epochs] == [8, 4, 4]
+
+
+def test_student_file_reloads_with_same_predictions(full_run: tuple[Path, dict]) -> None:
+    run_dir, s = full_run
+    model, meta = load_student(run_dir / "student.pt")
+    assert (meta["weight_bits"], meta["act_bits"]) == (4, 4)
+    from qtemperate.data import build_datasets
+
+    test = build_datasets("digits", seed=0).test
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.stack([test[i][1] for i in range(len(test))])
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean())
+    assert acc == pytest.approx(s["student_acc"], abs=1e-6)
+
+
+def test_offline_wandb_run_reads_back(full_run: tuple[Path, dict]) -> None:
+    from qtemperate.tracking import read_offline_run
+
+    run_dir, s = full_run
+    data = read_offline_run(run_dir / "wandb")
+    assert data["summary"]["student_acc"] == pytest.approx(s["student_acc"])
+    assert data["summary"]["compression_ratio"] == pytest.approx(s["compression_ratio"])
+    assert data["config"]["name"] == "tiny"
+
+
+def _short(tmp: Path) -> dict:
+    return tiny_recipe(tmp, teacher={"model": "small_cnn", "kwargs": {"width": 8}, "train": {"epochs": 1, "lr": 0.05}})
+
+
+def test_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    recipe = parse_recipe(_short(tmp_path))
+    full = Trainer(recipe, run_dir=tmp_path / "a", progress=False).run()
+    with pytest.raises(TrainingInterrupted):
+        Trainer(recipe, run_dir=tmp_path / "b", progress=False, stop_after_epochs=2).run()
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert ckpt["progress"]["epoch"] == 1 and not (tmp_path / "b" / "summary.json").exists()
+    resumed = Trainer(recipe, run_dir=tmp_path / "b", resume=True, progress=False).run()
+    assert resumed["student_acc"] == full["student_acc"]
+    assert resumed["stages"] == full["stages"]
+    ha = json.loads((tmp_path / "a" / "summary.json").read_text())
+    hb = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert ha["student_bytes"] == hb["student_bytes"]
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["progress"]["history"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["progress"]["history"]
+    assert a == b
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qtemperate import losses
+
+    recipe = parse_recipe(_short(tmp_path))
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        Trainer(recipe, run_dir=run_dir, progress=False, stop_after_epochs=1).run()
+    good = (run_dir / "checkpoint.pt").read_bytes()
+
+    real = losses.TemperateLoss.forward
+
+    def poisoned(self, s, t, y):  # type: ignore[no-untyped-def]
+        out = real(self, s, t, y)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(losses.TemperateLoss, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="NaN"):
+        Trainer(recipe, run_dir=run_dir, resume=True, progress=False).run()
+    assert (run_dir / "checkpoint.pt").read_bytes() == good
