@@ -10,6 +10,7 @@ in Brevitas, torch-pruning, onnxruntime or wandb are imported on first use.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from qtemperate.joint_scheduler import BitDropCoupling as BitDropCoupling
@@ -37,21 +38,58 @@ from qtemperate.temperature import suggest_initial_temperature as suggest_initia
 from qtemperate.temperature import to_lookup_table as to_lookup_table
 
 if TYPE_CHECKING:
+    from qtemperate.checkpoint import load_student as load_student
+    from qtemperate.checkpoint import save_student as save_student
+    from qtemperate.compare import compare_runs as compare_runs
+    from qtemperate.compare import pareto_front as pareto_front
+    from qtemperate.data import DATASETS as DATASETS
+    from qtemperate.data import DataBundle as DataBundle
+    from qtemperate.data import EpochSeededSampler as EpochSeededSampler
+    from qtemperate.data import build_datasets as build_datasets
+    from qtemperate.data import check_data_available as check_data_available
+    from qtemperate.data import make_loaders as make_loaders
+    from qtemperate.export import VerifyReport as VerifyReport
     from qtemperate.export import benchmark_onnx as benchmark_onnx
     from qtemperate.export import export_onnx as export_onnx
     from qtemperate.export import verify_onnx as verify_onnx
+    from qtemperate.models import MODELS as MODELS
+    from qtemperate.models import ResidualAdd as ResidualAdd
     from qtemperate.models import build_model as build_model
+    from qtemperate.models import list_models as list_models
+    from qtemperate.planner import PlanReport as PlanReport
     from qtemperate.planner import plan_recipe as plan_recipe
     from qtemperate.planner import plan_student as plan_student
+    from qtemperate.preflight import preflight as preflight
+    from qtemperate.pruning import IMPORTANCES as IMPORTANCES
     from qtemperate.pruning import PruneReport as PruneReport
+    from qtemperate.pruning import count_params_macs as count_params_macs
     from qtemperate.pruning import prune as prune
+    from qtemperate.pruning import pruning_plan as pruning_plan
+    from qtemperate.pruning import recalibrate_batchnorm as recalibrate_batchnorm
+    from qtemperate.quantization import QuantConfig as QuantConfig
+    from qtemperate.quantization import ResidualAddMarker as ResidualAddMarker
+    from qtemperate.quantization import get_bit_widths as get_bit_widths
+    from qtemperate.quantization import get_quant_config as get_quant_config
     from qtemperate.quantization import quantize as quantize
     from qtemperate.quantization import set_bit_width as set_bit_width
     from qtemperate.size import SizeReport as SizeReport
+    from qtemperate.size import count_macs as count_macs
     from qtemperate.size import model_size as model_size
+    from qtemperate.tracking import ConsoleLogger as ConsoleLogger
+    from qtemperate.tracking import JsonlLogger as JsonlLogger
+    from qtemperate.tracking import MetricLogger as MetricLogger
+    from qtemperate.tracking import MultiLogger as MultiLogger
+    from qtemperate.tracking import WandbLogger as WandbLogger
+    from qtemperate.tracking import build_loggers as build_loggers
+    from qtemperate.tracking import read_offline_run as read_offline_run
     from qtemperate.trainer import Trainer as Trainer
+    from qtemperate.trainer import TrainingDiverged as TrainingDiverged
 
 __version__ = "0.1.0.dev0"
+
+# Brevitas warns on import that an optional CUDA kernel package is missing; it is
+# irrelevant to QAT here and would print on every CLI run.
+warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
 
 # Heavy parts: name -> module, imported on first attribute access (PEP 562).
 _LAZY = {
@@ -68,22 +106,68 @@ _LAZY = {
     "plan_student": "qtemperate.planner",
     "plan_recipe": "qtemperate.planner",
     "Trainer": "qtemperate.trainer",
+    "list_models": "qtemperate.models",
+    "MODELS": "qtemperate.models",
+    "ResidualAdd": "qtemperate.models",
+    "IMPORTANCES": "qtemperate.pruning",
+    "count_params_macs": "qtemperate.pruning",
+    "recalibrate_batchnorm": "qtemperate.pruning",
+    "pruning_plan": "qtemperate.pruning",
+    "get_bit_widths": "qtemperate.quantization",
+    "get_quant_config": "qtemperate.quantization",
+    "QuantConfig": "qtemperate.quantization",
+    "ResidualAddMarker": "qtemperate.quantization",
+    "VerifyReport": "qtemperate.export",
+    "count_macs": "qtemperate.size",
+    "DATASETS": "qtemperate.data",
+    "DataBundle": "qtemperate.data",
+    "build_datasets": "qtemperate.data",
+    "make_loaders": "qtemperate.data",
+    "EpochSeededSampler": "qtemperate.data",
+    "check_data_available": "qtemperate.data",
+    "MetricLogger": "qtemperate.tracking",
+    "JsonlLogger": "qtemperate.tracking",
+    "ConsoleLogger": "qtemperate.tracking",
+    "WandbLogger": "qtemperate.tracking",
+    "MultiLogger": "qtemperate.tracking",
+    "build_loggers": "qtemperate.tracking",
+    "read_offline_run": "qtemperate.tracking",
+    "PlanReport": "qtemperate.planner",
+    "load_student": "qtemperate.checkpoint",
+    "save_student": "qtemperate.checkpoint",
+    "compare_runs": "qtemperate.compare",
+    "pareto_front": "qtemperate.compare",
+    "preflight": "qtemperate.preflight",
+    "TrainingDiverged": "qtemperate.trainer",
 }
 
 __all__ = [
+    "DATASETS",
+    "IMPORTANCES",
+    "MODELS",
     "TEMPERATURE_SCHEDULES",
     "BitDropCoupling",
     "BitStage",
+    "ConsoleLogger",
     "ConstantTemperature",
     "CouplingRule",
+    "DataBundle",
+    "EpochSeededSampler",
     "GradientNormTemperature",
     "JointScheduler",
+    "JsonlLogger",
     "LookupTableTemperature",
+    "MetricLogger",
+    "MultiLogger",
     "NoCoupling",
+    "PlanReport",
     "PruneReport",
+    "QuantConfig",
     "Recipe",
     "RecipeError",
     "Registry",
+    "ResidualAdd",
+    "ResidualAddMarker",
     "SizeReport",
     "StageState",
     "TemperateLoss",
@@ -91,18 +175,38 @@ __all__ = [
     "TemperatureSchedule",
     "TemperatureSuggestion",
     "Trainer",
+    "TrainingDiverged",
+    "VerifyReport",
+    "WandbLogger",
     "benchmark_onnx",
+    "build_datasets",
+    "build_loggers",
     "build_model",
+    "check_data_available",
+    "compare_runs",
+    "count_macs",
+    "count_params_macs",
     "export_onnx",
+    "get_bit_widths",
+    "get_quant_config",
     "kd_loss",
+    "list_models",
     "load_recipe",
+    "load_student",
+    "make_loaders",
     "model_size",
     "multi_scale_kd_loss",
     "normalize_weights",
+    "pareto_front",
     "plan_recipe",
     "plan_student",
+    "preflight",
     "prune",
+    "pruning_plan",
     "quantize",
+    "read_offline_run",
+    "recalibrate_batchnorm",
+    "save_student",
     "set_bit_width",
     "suggest_initial_temperature",
     "to_lookup_table",

@@ -59,10 +59,18 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             f"  stage {st['name']:<8} W{st['weight_bits']}A{st['act_bits']}  final T {st['final_T']:.2f}  "
             f"acc {st['accuracy']:.4f}  {st['bytes'] / 1024:.1f} KiB"
         )
+    i8 = summary.get("int8_onnx_latency_ms") or {}
     for bs, ms in lat.items():
         t = tlat.get(bs)
-        extra = f"  (teacher float {t:.3f} ms, {t / ms:.2f}x)" if t else ""
-        lines.append(f"onnx latency b{bs}:  {ms:.3f} ms (quantized student){extra}")
+        q = i8.get(bs)
+        parts = [f"student.onnx {ms:.3f} ms"]
+        if q is not None:
+            parts.append(f"int8 kernels {q:.3f} ms")
+        if t is not None:
+            parts.append(f"float teacher {t:.3f} ms")
+            if q:
+                parts.append(f"int8 speed-up {t / q:.2f}x")
+        lines.append(f"onnx latency b{bs}:".ljust(19) + "  ".join(parts))
     if summary.get("onnx_top1_agreement") is not None:
         lines.append(f"onnx agreement:    {summary['onnx_top1_agreement'] * 100:.2f}% top-1 vs PyTorch")
     lines.append(f"wall time:         {summary['wall_time_s']:.1f} s")

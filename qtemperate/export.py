@@ -14,7 +14,11 @@ integers:
    dequantized input directly;
 3. float biases of ``Conv``/``Gemm`` whose input and weight are dequantized become int32
    with scale ``s_b = s_x * s_w`` (per output channel): ``b_int = round(b / s_b)``. Without
-   a quantized bias onnxruntime's QDQ fusion does not form ``QLinearConv``.
+   a quantized bias onnxruntime's QDQ fusion does not form ``QLinearConv`` (and
+   onnxruntime 1.32 quantizes such a float bias itself when it optimizes the graph). The QAT
+   layers of :mod:`qtemperate.quantization` round their bias with the very same formula
+   (:func:`qtemperate.quantization.quantize_bias`: float32 ``s_b``, float64 division,
+   half-to-even), so PyTorch and onnxruntime agree up to float summation order.
 
 :func:`verify_onnx` compares onnxruntime against PyTorch eval; :func:`benchmark_onnx`
 measures median latency per batch size.

@@ -312,6 +312,13 @@ class SmallCNN(nn.Module):
 # ---------------------------------------------------------------------------
 
 
+@MODELS.register("resnet8")
+def resnet8(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> CifarResNet:
+    """CIFAR-style ResNet-8 (1 block per stage, ~78 k params at width 16): the quickstart
+    teacher — three resolutions deep, so it sees whole objects, yet cheap on a CPU."""
+    return CifarResNet(1, num_classes, in_channels, width)
+
+
 @MODELS.register("resnet20")
 def resnet20(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> CifarResNet:
     """CIFAR ResNet-20 (3 blocks per stage, ~0.27 M params at width 16)."""

@@ -6,8 +6,9 @@ The conversion is explicit module replacement on a deep copy of the model:
 float module                   quantized replacement
 =============================  ==========================================================
 ``nn.BatchNorm2d`` after conv  folded into the conv (conv gets a bias), replaced by Identity
-``nn.Conv1d/2d``               ``brevitas.nn.QuantConv1d/2d`` (signed narrow-range weights)
-``nn.Linear``                  ``brevitas.nn.QuantLinear`` (signed narrow-range weights)
+``nn.Conv1d/2d``               :class:`QuantConv1d/2d` (Brevitas layers, signed narrow-range
+                               weights, bias rounded to the int32 grid ``s_x * s_w``)
+``nn.Linear``                  :class:`QuantLinear` (same)
 ``nn.ReLU``                    ``brevitas.nn.QuantReLU`` (unsigned per-tensor activations)
 ``ResidualAdd`` (see below)    :class:`QuantResidualAdd`: one shared signed quantizer for both inputs
 ``nn.AdaptiveAvgPool2d`` /     :class:`QuantAvgPoolRequant`: the pool followed by a requantizing
@@ -29,9 +30,24 @@ values) with ``s_a = t / (2^(b_a-1) - 1)`` (signed) or ``s_a = t / (2^b_a - 1)``
 Because the learned parameter is the threshold ``t`` and not the scale, switching bit width
 with :func:`set_bit_width` keeps the learned range and re-derives the scale.
 
-Biases are kept in float32 during QAT (Brevitas ``bias_quant=None``); the ONNX export in
-:mod:`qtemperate.export` quantizes them to int32 with scale ``s_x * s_w`` so onnxruntime
-fuses integer kernels.
+Biases are stored as float32 parameters (Brevitas ``bias_quant=None``, so checkpoints hold
+the float bias), but the forward pass of every quantized conv/linear whose input comes from a
+quantizer rounds them to the int32 grid of the exported graph (straight-through estimator,
+so QAT trains through the rounding):
+
+    s_b = s_x * s_w,   b_q = s_b * round(b / s_b)
+
+with ``s_x`` the scale of the quantizer producing the layer input and ``s_w`` the
+(per-channel) weight scale. The ONNX export in :mod:`qtemperate.export` quantizes the float
+bias with exactly this formula (int32 ``DequantizeLinear``; needed for onnxruntime to fuse
+``QLinearConv``/``QGemm``, and onnxruntime would quantize a float bias itself anyway), so
+PyTorch and the exported graph compute the same pre-activations. At 4 bits one activation
+step is large, and a float bias that is off the int32 grid flips values near a rounding
+boundary by a whole level. The input quantizer of a layer is found on the FX graph: the
+layer's own ``input_quant`` (layers reading the model input), or a ``QuantReLU`` /
+pool requantizer reached through Identity/Dropout/MaxPool/Flatten/reshape. Its scale is
+recorded by a forward hook on that quantizer on every forward pass; layers without such a
+quantizer (e.g. reading an un-requantized residual sum) keep the float bias.
 
 Residual additions are recognised by duck typing, so this module does not import
 :mod:`qtemperate.models`: a module is a residual add when its class is named
@@ -59,6 +75,7 @@ from brevitas.quant.scaled_int import (
     Int8WeightPerTensorFloat,
     Uint8ActPerTensorFloat,
 )
+from brevitas.quant_tensor import QuantTensor
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
@@ -70,6 +87,9 @@ __all__ = [
     "Int8WeightPerTensorFloatStatefulBitWidth",
     "QuantAvgPoolRequant",
     "QuantConfig",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantLinear",
     "QuantResidualAdd",
     "ResidualAddMarker",
     "Uint8ActPerTensorFloatStatefulBitWidth",
@@ -79,6 +99,7 @@ __all__ = [
     "get_quant_config",
     "is_quantized",
     "quantize",
+    "quantize_bias",
     "set_bit_width",
 ]
 
@@ -228,6 +249,66 @@ class QuantAvgPoolRequant(nn.Module):
         return self.requant(self.pool(x))
 
 
+_SCALE_SOURCE_ATTR = "_qtemperate_input_scale_source"
+_LAST_SCALE_ATTR = "_qtemperate_last_scale"
+
+
+def _record_output_scale(module: nn.Module, inputs: Any, output: Any) -> None:
+    """Forward hook on an activation quantizer proxy: remember the scale it just used."""
+    scale = output.scale if isinstance(output, QuantTensor) else None
+    module.__dict__[_LAST_SCALE_ATTR] = None if scale is None else scale.detach()
+
+
+def _is_exporting(layer: nn.Module) -> bool:
+    proxy = getattr(layer, "weight_quant", None)
+    return bool(getattr(proxy, "export_mode", False)) or torch.onnx.is_in_onnx_export()
+
+
+def quantize_bias(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor):
+    """Round ``bias`` to the int32 grid ``s_b = s_x * s_w`` with a straight-through estimator.
+
+    Bit-identical to the export's integer bias: ``s_b`` is the float32 product of the two
+    scales and ``round(b / s_b)`` is computed in float64 (round half to even), as in
+    :func:`qtemperate.export._quantize_biases`. Scales are treated as constants (detached);
+    the gradient with respect to ``bias`` is the identity.
+    """
+    s_b = input_scale.detach().reshape(()).to(bias.dtype) * weight_scale.detach().reshape(-1).to(
+        bias.dtype
+    )
+    s_b = s_b.expand(bias.shape) if s_b.numel() == 1 else s_b.reshape(bias.shape)
+    q = torch.round(bias.detach().double() / s_b.double()).clamp_(-(2**31), 2**31 - 1)
+    b_q = q.to(bias.dtype) * s_b
+    return bias + (b_q - bias).detach()
+
+
+class _IntBiasMixin:
+    """Quantized conv/linear whose forward rounds the float bias to ``s_x * s_w`` (see module doc)."""
+
+    def inner_forward_impl(self, x, quant_weight, quant_bias):  # type: ignore[no-untyped-def]
+        if quant_bias is not None and not _is_exporting(self):  # type: ignore[arg-type]
+            if isinstance(x, QuantTensor):
+                s_x = x.scale
+            else:
+                src = self.__dict__.get(_SCALE_SOURCE_ATTR)
+                s_x = None if src is None else src.__dict__.get(_LAST_SCALE_ATTR)
+            s_w = quant_weight.scale if isinstance(quant_weight, QuantTensor) else None
+            if s_x is not None and s_w is not None and s_x.numel() == 1:
+                quant_bias = quantize_bias(quant_bias, s_x, s_w)
+        return super().inner_forward_impl(x, quant_weight, quant_bias)  # type: ignore[misc]
+
+
+class QuantConv1d(_IntBiasMixin, qnn.QuantConv1d):
+    """``brevitas.nn.QuantConv1d`` whose bias is rounded to the int32 grid of the export."""
+
+
+class QuantConv2d(_IntBiasMixin, qnn.QuantConv2d):
+    """``brevitas.nn.QuantConv2d`` whose bias is rounded to the int32 grid of the export."""
+
+
+class QuantLinear(_IntBiasMixin, qnn.QuantLinear):
+    """``brevitas.nn.QuantLinear`` whose bias is rounded to the int32 grid of the export."""
+
+
 _QUANT_WBIOL = (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantLinear)
 _ACT_MODULES = (qnn.QuantReLU, qnn.QuantIdentity)
 
@@ -373,6 +454,72 @@ def _pool_input_is_relu(
     return False
 
 
+_PASSTHROUGH_MODULES = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten)
+_PASSTHROUGH_FUNCTIONS = (
+    torch.flatten,
+    torch.reshape,
+    nn.functional.max_pool1d,
+    nn.functional.max_pool2d,
+    nn.functional.dropout,
+)
+_PASSTHROUGH_METHODS = ("flatten", "view", "reshape", "contiguous")
+
+
+def _input_quantizer_sources(gm: fx.GraphModule | None, modules: dict[str, nn.Module]) -> dict:
+    """``{layer: producer}`` for float conv/linear layers whose input is a quantizer output.
+
+    The producer is the name of an ``nn.ReLU`` (becomes ``QuantReLU``) or an avg pool (becomes
+    :class:`QuantAvgPoolRequant`), reached backwards through ops that the export moves the
+    ``DequantizeLinear`` below (Identity, Dropout, MaxPool, Flatten, view/reshape), i.e. the
+    quantizer whose scale is ``s_x`` of the layer's ``DequantizeLinear`` input in ONNX.
+    """
+    if gm is None:
+        return {}
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(
+            modules.get(node.target), nn.Conv1d | nn.Conv2d | nn.Linear
+        ):
+            continue
+        src = node.args[0] if node.args else None
+        while isinstance(src, fx.Node):
+            if src.op == "call_module":
+                mod = modules.get(src.target)
+                if isinstance(mod, nn.ReLU | nn.AdaptiveAvgPool2d | nn.AvgPool2d):
+                    out[node.target] = src.target
+                    break
+                if not isinstance(mod, _PASSTHROUGH_MODULES):
+                    break
+            elif not (
+                (src.op == "call_function" and src.target in _PASSTHROUGH_FUNCTIONS)
+                or (src.op == "call_method" and src.target in _PASSTHROUGH_METHODS)
+            ):
+                break
+            src = src.args[0] if src.args else None
+    return out
+
+
+def _producer_proxy(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, QuantAvgPoolRequant):
+        module = module.requant
+    proxy = getattr(module, "act_quant", None)
+    return proxy if isinstance(proxy, nn.Module) else None
+
+
+def _link_bias_scale_sources(qmodel: nn.Module, sources: dict[str, str]) -> None:
+    """Give each quantized layer a (non-module, non-state) reference to its input quantizer."""
+    hooked: set[int] = set()
+    for layer_name, src_name in sources.items():
+        layer = qmodel.get_submodule(layer_name)
+        proxy = _producer_proxy(qmodel.get_submodule(src_name))
+        if not isinstance(layer, _IntBiasMixin) or proxy is None:
+            continue
+        if id(proxy) not in hooked:
+            proxy.register_forward_hook(_record_output_scale)
+            hooked.add(id(proxy))
+        layer.__dict__[_SCALE_SOURCE_ATTR] = proxy  # plain attribute: not a submodule
+
+
 # --------------------------------------------------------------------------- replacement
 def _quant_layer(
     mod: nn.Module, weight_bits: int, per_channel: bool, input_quant: bool
@@ -396,9 +543,9 @@ def _quant_layer(
         kwargs["input_bit_width"] = INPUT_ACT_BITS
     has_bias = mod.bias is not None
     if isinstance(mod, nn.Linear):
-        new: nn.Module = qnn.QuantLinear(mod.in_features, mod.out_features, bias=has_bias, **kwargs)
+        new: nn.Module = QuantLinear(mod.in_features, mod.out_features, bias=has_bias, **kwargs)
     else:
-        cls = qnn.QuantConv2d if isinstance(mod, nn.Conv2d) else qnn.QuantConv1d
+        cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantConv1d
         if mod.padding_mode != "zeros":
             raise ValueError(f"padding_mode={mod.padding_mode!r} is not supported; use 'zeros'")
         new = cls(
@@ -505,6 +652,7 @@ def quantize(
     gm = _trace(qmodel)
     first, last = _first_last_layers(qmodel, gm)
     modules = dict(qmodel.named_modules())
+    bias_sources = _input_quantizer_sources(gm, modules)
     for name, mod in list(modules.items()):
         if not name:
             continue
@@ -537,6 +685,7 @@ def quantize(
         else:
             continue
         _set_submodule(qmodel, name, new)
+    _link_bias_scale_sources(qmodel, bias_sources)
     if calibration_loader is not None:
         calibrate(qmodel, calibration_loader, calibration_batches)
     return qmodel.train(was_training)

@@ -177,3 +177,51 @@ def test_bad_arguments_raise(tmp_path, digits, trained) -> None:
         benchmark_onnx(path, batch_sizes=(0,))
     with pytest.raises(ValueError, match="threads"):
         benchmark_onnx(path, threads=0)
+
+
+def test_pruned_w4a4_student_export_matches_pytorch(tmp_path, digits) -> None:
+    """The pipeline path: prune -> W8A8 QAT -> set_bit_width(4, 4) -> QAT -> export.
+
+    The QAT layers round their float bias to the int32 grid ``s_x * s_w`` that the export
+    (and onnxruntime's QLinearConv) uses, so the 4-bit graph agrees with PyTorch to float
+    rounding instead of flipping whole 4-bit levels near rounding boundaries.
+    """
+    from qtemperate.pruning import prune
+
+    xtr, ytr, xte, _ = digits
+    torch.manual_seed(0)
+    model = build_model("small_cnn", num_classes=10, in_channels=1, width=8)
+
+    def steps(m: nn.Module, n: int, lr: float, seed: int) -> None:
+        opt = torch.optim.Adam(m.parameters(), lr=lr)
+        m.train()
+        for step in range(n):
+            g = torch.Generator().manual_seed(seed + step)
+            idx = torch.randint(0, len(ytr), (64,), generator=g)
+            loss = F.cross_entropy(m(xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        m.eval()
+
+    steps(model, 80, 1e-2, 0)
+    pruned, _ = prune(model, xtr[:8], target_params_ratio=0.6, iterative_steps=4)
+    steps(pruned, 20, 5e-3, 100)
+    q = quantize(
+        pruned.eval(),
+        calibration_loader=[xtr[i : i + 64] for i in range(0, 256, 64)],
+        calibration_batches=4,
+    )
+    steps(q, 15, 1e-3, 200)
+    p8 = export_onnx(q, tmp_path / "w8a8.onnx", xte[:1])
+    r8 = verify_onnx(p8, q, xte[:256])
+    set_bit_width(q, 4, 4)
+    steps(q, 15, 1e-3, 300)
+    p4 = export_onnx(q, tmp_path / "w4a4.onnx", xte[:1])
+    r4 = verify_onnx(p4, q, xte[:256])
+    print(f"pruned student ONNX vs PyTorch: W8A8 {r8}, W4A4 {r4}")
+    for report in (r8, r4):
+        assert report.n == 256
+        assert report.top1_agreement >= 0.99
+        assert report.max_abs_diff < 1e-3  # float rounding only, no flipped levels
+    assert optimized_op_types(p4)["QLinearConv"] >= 1  # the 4-bit graph still runs int kernels

@@ -325,3 +325,40 @@ def test_switch_to_4_bits_reduces_levels_keeps_training_and_round_trips(
     with torch.no_grad():
         torch.testing.assert_close(fresh(xte[:64]), q(xte[:64]))
     assert all(_int_levels(fresh.get_submodule(n)) <= 15 for n in inner)
+
+
+def test_biases_are_rounded_to_the_int32_grid_of_the_export(digits, trained_float) -> None:
+    """Forward uses s_b * round(b / s_b), s_b = s_x * s_w (what the ONNX int32 bias holds)."""
+    import copy
+
+    from qtemperate.quantization import QuantConv2d, quantize_bias
+
+    xtr, _, _, _ = digits
+    q = quantize(trained_float, calibration_loader=[xtr[:128]], calibration_batches=1).eval()
+    set_bit_width(q, 4, 4)
+    conv = q.block.conv2  # reads block.relu1
+    assert isinstance(conv, QuantConv2d) and isinstance(conv, qnn.QuantConv2d)
+    # no extra state: keys are those of the plain Brevitas model
+    assert not any("scale_source" in k for k in q.state_dict())
+    seen: dict[str, torch.Tensor] = {}
+    q.block.relu1.act_quant.register_forward_hook(lambda m, i, o: seen.update(s_x=o.scale))
+    conv.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    with torch.no_grad():
+        q(xtr[:16])
+    qw = conv.quant_weight()
+    s_b = (seen["s_x"] * qw.scale.reshape(-1)).reshape(-1)
+    b_q = torch.round(conv.bias.double() / s_b.double()).float() * s_b
+    assert not torch.equal(b_q, conv.bias)  # the float bias is off the grid
+    expected = F.conv2d(seen["x"], qw.value, b_q, conv.stride, conv.padding)
+    torch.testing.assert_close(seen["y"], expected, rtol=0, atol=1e-5)
+    # straight-through: the gradient reaches the float bias unchanged
+    b = conv.bias.detach().clone().requires_grad_(True)
+    quantize_bias(b, seen["s_x"], qw.scale).sum().backward()
+    assert torch.equal(b.grad, torch.ones_like(b))
+    # a deep copy (and a fresh quantize + load_state_dict) computes the same
+    with torch.no_grad():
+        ref = q(xtr[:32])
+        assert torch.equal(copy.deepcopy(q)(xtr[:32]), ref)
+        q2 = quantize(trained_float)
+        q2.load_state_dict(q.state_dict())
+        assert torch.equal(q2.eval()(xtr[:32]), ref)
