@@ -244,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="recipe override key.path=value, applied to every method (repeatable)")
     p.add_argument("--tag", default="", help="suffix of the runs folder (for variants)")
-    p.add_argument("--runs-dir", type=Path, default=None, help="default: runs/bench_accuracy_<profile>[_<tag>]")
+    p.add_argument("--runs-root", type=Path, default=Path("runs"),
+                   help="folder of the run folders and the shared teacher (default: runs)")
+    p.add_argument("--runs-dir", type=Path, default=None,
+                   help="default: <runs-root>/bench_accuracy_<profile>[_<tag>]")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--teacher-epochs", type=int, default=None,
                    help="train the shared teacher this many epochs instead (its own checkpoint)")
@@ -257,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         profile["teacher"]["epochs"] = args.teacher_epochs
         teacher_tag = f"_e{args.teacher_epochs}"
     torch.set_num_threads(args.threads or max(1, min(os.cpu_count() or 1, 2 if args.profile == "quick" else 64)))
-    runs_dir = args.runs_dir or Path("runs") / f"bench_accuracy_{args.profile}{'_' + args.tag if args.tag else ''}"
-    teacher_ckpt = Path("runs") / f"bench_accuracy_{args.profile}_teacher{teacher_tag}" / "teacher.pt"
+    runs_dir = args.runs_dir or args.runs_root / f"bench_accuracy_{args.profile}{'_' + args.tag if args.tag else ''}"
+    teacher_ckpt = args.runs_root / f"bench_accuracy_{args.profile}_teacher{teacher_tag}" / "teacher.pt"
     t0 = time.perf_counter()
     teacher = train_teacher(profile, teacher_ckpt)
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}

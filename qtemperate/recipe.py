@@ -180,6 +180,7 @@ class StudentConfig(_Strict):
     importance: str = "l2"
     iterative_steps: Int = Field(default=8, ge=1)
     max_layer_ratio: float = Field(default=0.9, gt=0, lt=1)
+    round_to: Int | None = Field(default=None, ge=1)
     first_last_bits: Int = 8
     per_channel: bool = True
     calibration_batches: Int = Field(default=8, ge=0)

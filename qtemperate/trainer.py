@@ -624,6 +624,7 @@ class Trainer:
             importance=s.importance, iterative_steps=s.iterative_steps,
             max_layer_ratio=s.max_layer_ratio,
             calibration_loader=_take(self.calib_loader, 20),
+            round_to=s.round_to,
         )
         return arch, report.to_dict()
 

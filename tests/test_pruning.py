@@ -278,3 +278,15 @@ def test_report_to_dict_roundtrip() -> None:
     }
     assert d["params_ratio"] == pytest.approx(d["params_after"] / d["params_before"])
     assert d["macs_ratio"] == pytest.approx(d["macs_after"] / d["macs_before"])
+
+
+def test_round_to_keeps_channel_multiples() -> None:
+    model = build_model("resnet20", num_classes=10, in_channels=1)
+    x = torch.randn(1, 1, 28, 28)
+    pruned, report = prune(model, x, target_params_ratio=0.5, round_to=8, iterative_steps=2)
+    convs = [m for n, m in pruned.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.out_channels % 8 == 0 for c in convs)
+    kept = sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in model.parameters())
+    assert kept == pytest.approx(report.params_ratio) and kept < 0.75
+    with pytest.raises(ValueError, match="round_to"):
+        prune(model, x, target_params_ratio=0.5, round_to=0)

@@ -94,6 +94,22 @@ def test_offline_wandb_run_reads_back(full_run: tuple[Path, dict]) -> None:
     assert data["summary"]["student_acc"] == pytest.approx(s["student_acc"])
     assert data["summary"]["compression_ratio"] == pytest.approx(s["compression_ratio"])
     assert data["config"]["name"] == "tiny"
+    assert data["group"] == "tiny"  # runs of one recipe family share a W&B group
+    assert any(a["type"] == "model" for a in data["artifacts"])
+    table = data["tables"]["stages"]
+    assert [row[1] for row in table["data"]] == [8, 4]  # weight_bits column, stage order
+    assert any("train/T" in row for row in data["history"])
+
+
+def test_export_verb_reexports_and_verifies(full_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
+    from qtemperate.cli import main
+
+    run_dir, s = full_run
+    assert main(["export", str(run_dir), "--batch-sizes", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verify_inputs"] == "digits" and report["top1_agreement"] >= 0.99
+    assert (report["weight_bits"], report["act_bits"]) == (4, 4)
+    assert report["onnx_latency_ms"]["1"] > 0
 
 
 def _short(tmp: Path) -> dict:
