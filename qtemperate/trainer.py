@@ -228,7 +228,7 @@ class Trainer:
         kwargs = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels, **t.kwargs}
         model = build_model(t.model, **kwargs).to(self.device)
         cached = self.run_dir / TEACHER
-        if cached.is_file():
+        if self.resume and cached.is_file():  # a resumed run keeps the teacher it trained
             saved = load_checkpoint(cached, self.device)
             model.load_state_dict(saved["state_dict"])
             self.step_offset = int(saved.get("steps", 0))
@@ -321,6 +321,10 @@ class Trainer:
         self.teacher_logits_cached = mode == "on" or (mode == "auto" and can)
         if mode == "on" and not can:
             raise ValueError("distillation.cache_teacher_logits: on, but data.augment is true")
+        why = "fixed data, computed once" if self.teacher_logits_cached else (
+            "augmented data: teacher runs every step" if not can else "disabled by the recipe")
+        self._say(f"teacher logits cached: {'yes' if self.teacher_logits_cached else 'no'} ({why})")
+        logger.log({"teacher_logits_cached": int(self.teacher_logits_cached)}, self.step_offset)
         if not self.teacher_logits_cached:
             return None
         teacher.eval()
@@ -478,8 +482,8 @@ class Trainer:
 
         arch_path = self.run_dir / STUDENT_ARCH
         if ckpt is not None and arch_path.is_file():
-            arch = load_checkpoint(arch_path, self.device)["arch"]
-            plan = load_checkpoint(arch_path, self.device)["plan"]
+            saved = load_checkpoint(arch_path, self.device)
+            arch, plan = saved["arch"], saved["plan"]
         else:
             arch, plan = self._build_student(teacher, bundle)
             save_atomic({"arch": arch, "plan": plan}, arch_path)
