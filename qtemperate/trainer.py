@@ -352,7 +352,7 @@ class Trainer:
         return student
 
     @staticmethod
-    def _stable_names(vals: dict[str, float], st: StageState, sched: JointScheduler) -> dict[str, float]:
+    def _stable_names(vals: dict[str, Any], st: StageState, sched: JointScheduler) -> dict[str, Any]:
         """Log each scale's KD part under its *reference* temperature (``kd_T6``).
 
         The loss names parts by the current T (``kd_T7.13``), which moves every
@@ -368,10 +368,11 @@ class Trainer:
         return out
 
     @staticmethod
-    def _check_finite(loss: torch.Tensor, where: str) -> None:
-        if not torch.isfinite(loss):
+    def _check_finite(loss: float | torch.Tensor, where: str) -> None:
+        value = float(loss)
+        if not math.isfinite(value):
             raise TrainingDiverged(
-                f"{where}: loss is {loss.item()} (NaN/Inf); stopping. The last good checkpoint is "
+                f"{where}: loss is {value} (NaN/Inf); stopping. The last good checkpoint is "
                 "kept; lower the learning rate or raise the temperature and run again with --resume."
             )
 
@@ -396,8 +397,15 @@ class Trainer:
         self._set_epoch(epoch)
         student.train()
         teacher.eval()
-        sums: dict[str, float] = {}
+        # Loss parts stay tensors and are read back (a host sync on a GPU) only every
+        # `log_every` steps and at the end of the epoch. A NaN/Inf is caught there,
+        # before the epoch's evaluation and checkpoint, so the last good checkpoint stays.
+        sums: dict[str, Any] = {}
         n = 0
+        every = self.recipe.tracking.log_every
+        grad_driven = sched.stages[st.stage_index].schedule == "gradient_norm"
+        clip = o.grad_clip if o.grad_clip is not None else float("inf")
+        where = f"epoch {epoch} ({st.stage_name})"
         bar = tqdm(
             self.train_loader, disable=not self.progress, leave=False,
             desc=f"epoch {epoch + 1}/{sched.total_epochs} {st.stage_name}",
@@ -413,23 +421,22 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = lr
             parts = loss_fn(student(x), t_out, y)
-            loss = parts["loss"]
-            self._check_finite(loss, f"epoch {epoch} ({st.stage_name})")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            clip = o.grad_clip if o.grad_clip is not None else float("inf")
-            gnorm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
-            if sched.stages[st.stage_index].schedule == "gradient_norm":
-                st = sched.observe_grad_norm(gnorm)
+            parts["loss"].backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
+            if grad_driven:
+                st = sched.observe_grad_norm(float(gnorm))
                 loss_fn.set_temperatures(st.temperatures, st.weights)
             opt.step()
             prog.global_step += 1
-            vals = self._stable_names({k: float(v.detach()) for k, v in parts.items()}, st, sched)
-            for k, v in vals.items():
-                sums[k] = sums.get(k, 0.0) + v
             n += 1
-            bar.set_postfix(loss=f"{vals['loss']:.3f}", T=f"{st.temperature:.2f}", bits=f"W{st.weight_bits}A{st.act_bits}")
-            if prog.global_step % self.recipe.tracking.log_every == 0:
+            named = self._stable_names({k: v.detach() for k, v in parts.items()}, st, sched)
+            for k, v in named.items():
+                sums[k] = sums[k] + v if k in sums else v
+            if prog.global_step % every == 0:
+                vals = {k: float(v) for k, v in named.items()}
+                self._check_finite(vals["loss"], where)
+                bar.set_postfix(loss=f"{vals['loss']:.3f}", T=f"{st.temperature:.2f}", bits=f"W{st.weight_bits}A{st.act_bits}")
                 logger.log(
                     {
                         **{f"train/{k}": v for k, v in vals.items()},
@@ -437,12 +444,14 @@ class Trainer:
                         "train/T": st.temperature,
                         "train/weight_bits": st.weight_bits,
                         "train/act_bits": st.act_bits,
-                        "train/grad_norm": gnorm,
+                        "train/grad_norm": float(gnorm),
                         "epoch": epoch,
                     },
                     self.step_offset + prog.global_step,
                 )
-        return {k: v / max(n, 1) for k, v in sums.items()}
+        means = {k: float(v) / max(n, 1) for k, v in sums.items()}
+        self._check_finite(means.get("loss", 0.0), where)
+        return means
 
     # -- the run ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
