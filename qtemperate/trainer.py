@@ -261,7 +261,7 @@ class Trainer:
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, total, lr, self.recipe.optimizer.schedule)
                 loss = F.cross_entropy(model(x), y)
-                self._check_finite(loss, "teacher")
+                self._check_finite(loss.detach(), "teacher")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
