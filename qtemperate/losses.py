@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qtemperate._validation import positive_number
+
 __all__ = [
     "TemperateLoss",
     "kd_loss",
@@ -50,13 +52,7 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
 
 
 def _check_scalar_temperature(value: float, name: str = "temperature") -> float:
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
-    if not math.isfinite(t) or t <= 0.0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return t
+    return positive_number(value, name)
 
 
 def _temperature_tensor(temperature: TemperatureLike, logits: Tensor) -> float | Tensor:

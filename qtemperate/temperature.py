@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from qtemperate._validation import finite_number, positive_number
 from qtemperate.registry import Registry
 
 __all__ = [
@@ -43,30 +44,6 @@ __all__ = [
 TEMPERATURE_SCHEDULES: Registry[type[TemperatureSchedule]] = Registry("temperature schedule")
 
 _PHASES = ("warmup", "adaptive", "convergence")
-
-
-def _positive(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0.0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return v
-
-
-def _finite(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return v
 
 
 def _integer(value: Any, name: str) -> int:
@@ -124,7 +101,7 @@ class ConstantTemperature(TemperatureSchedule):
     """
 
     def __init__(self, temperature: float = 4.0) -> None:
-        self._temperature = _positive(temperature, "temperature")
+        self._temperature = positive_number(temperature, "temperature")
         self.min_temperature = self.max_temperature = self._temperature
 
     @property
@@ -140,7 +117,7 @@ class ConstantTemperature(TemperatureSchedule):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         _require_keys(state_dict, ("temperature",), type(self).__name__)
-        self._temperature = _positive(state_dict["temperature"], "temperature")
+        self._temperature = positive_number(state_dict["temperature"], "temperature")
         self.min_temperature = self.max_temperature = self._temperature
 
 
@@ -222,24 +199,24 @@ class TemperateSchedule(TemperatureSchedule):
         self.total_epochs = _integer(total_epochs, "total_epochs")
         if self.total_epochs < 1:
             raise ValueError(f"total_epochs must be >= 1, got {total_epochs!r}")
-        self.min_temperature = _positive(min_temperature, "min_temperature")
-        self.max_temperature = _positive(max_temperature, "max_temperature")
+        self.min_temperature = positive_number(min_temperature, "min_temperature")
+        self.max_temperature = positive_number(max_temperature, "max_temperature")
         if self.min_temperature > self.max_temperature:
             raise ValueError(
                 f"min_temperature ({min_temperature}) must be <= max_temperature ({max_temperature})"
             )
-        self.base_temperature = _positive(base_temperature, "base_temperature")
+        self.base_temperature = positive_number(base_temperature, "base_temperature")
         if not self.min_temperature <= self.base_temperature <= self.max_temperature:
             raise ValueError(
                 f"base_temperature ({base_temperature}) must be in "
                 f"[min_temperature, max_temperature] = [{min_temperature}, {max_temperature}]"
             )
-        self.alpha = _positive(alpha, "alpha")
-        self.beta = _finite(beta, "beta")
+        self.alpha = positive_number(alpha, "alpha")
+        self.beta = finite_number(beta, "beta")
         if self.beta < 0.0:
             raise ValueError(f"beta must be >= 0, got {beta!r}")
-        self.warmup = _finite(warmup, "warmup")
-        self.adapt_until = _finite(adapt_until, "adapt_until")
+        self.warmup = finite_number(warmup, "warmup")
+        self.adapt_until = finite_number(adapt_until, "adapt_until")
         if not 0.0 <= self.warmup <= 1.0:
             raise ValueError(f"warmup must be in [0, 1], got {warmup!r}")
         if not 0.0 <= self.adapt_until <= 1.0:
@@ -249,7 +226,7 @@ class TemperateSchedule(TemperatureSchedule):
         self.patience = _integer(patience, "patience")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience!r}")
-        self.plateau_tol = _finite(plateau_tol, "plateau_tol")
+        self.plateau_tol = finite_number(plateau_tol, "plateau_tol")
         if self.plateau_tol < 0.0:
             raise ValueError(f"plateau_tol must be >= 0, got {plateau_tol!r}")
 
@@ -309,12 +286,12 @@ class TemperateSchedule(TemperatureSchedule):
         phase = self.phase_of(epoch)
         if phase == "warmup":
             if val_loss is not None:
-                _finite(val_loss, "val_loss")
+                finite_number(val_loss, "val_loss")
             t = self.base_temperature
         elif phase == "adaptive":
             if val_loss is None:
                 raise ValueError(f"val_loss is required in the adaptive phase (epoch {epoch})")
-            v = _finite(val_loss, "val_loss")
+            v = finite_number(val_loss, "val_loss")
             t = max(self.min_temperature, self.alpha * self._temperature - self.beta * v)
             self._update_plateau(v)
             if self._plateau_count >= self.patience and epoch + 1 < self.adapt_end:
@@ -370,15 +347,15 @@ class TemperateSchedule(TemperatureSchedule):
                 f"state_dict total_epochs ({state_dict['total_epochs']}) does not match "
                 f"this schedule's ({self.total_epochs})"
             )
-        self._temperature = _positive(state_dict["temperature"], "temperature")
+        self._temperature = positive_number(state_dict["temperature"], "temperature")
         last = state_dict["last_epoch"]
         self._last_epoch = None if last is None else _integer(last, "last_epoch")
         start = state_dict["convergence_start"]
         self._convergence_start = None if start is None else _integer(start, "convergence_start")
         enter = state_dict["enter_temperature"]
-        self._enter_temperature = None if enter is None else _positive(enter, "enter_temperature")
+        self._enter_temperature = None if enter is None else positive_number(enter, "enter_temperature")
         prev = state_dict["prev_val_loss"]
-        self._prev_val_loss = None if prev is None else _finite(prev, "prev_val_loss")
+        self._prev_val_loss = None if prev is None else finite_number(prev, "prev_val_loss")
         self._plateau_count = _integer(state_dict["plateau_count"], "plateau_count")
 
 
@@ -402,8 +379,8 @@ class GradientNormTemperature(TemperatureSchedule):
     """
 
     def __init__(self, min_temperature: float = 1.0, max_temperature: float = 6.0) -> None:
-        self.min_temperature = _positive(min_temperature, "min_temperature")
-        self.max_temperature = _positive(max_temperature, "max_temperature")
+        self.min_temperature = positive_number(min_temperature, "min_temperature")
+        self.max_temperature = positive_number(max_temperature, "max_temperature")
         if self.min_temperature > self.max_temperature:
             raise ValueError(
                 f"min_temperature ({min_temperature}) must be <= max_temperature ({max_temperature})"
@@ -424,7 +401,7 @@ class GradientNormTemperature(TemperatureSchedule):
         """Record ``grad_norm`` (a float or 0-dim tensor, ≥ 0) and return the new T."""
         if hasattr(grad_norm, "item"):
             grad_norm = grad_norm.item()  # type: ignore[union-attr]
-        g = _finite(grad_norm, "grad_norm")
+        g = finite_number(grad_norm, "grad_norm")
         if g < 0.0:
             raise ValueError(f"grad_norm must be >= 0, got {grad_norm!r}")
         self._grad_norm_max = max(self._grad_norm_max, g)
@@ -439,11 +416,11 @@ class GradientNormTemperature(TemperatureSchedule):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         _require_keys(state_dict, ("grad_norm_max", "temperature"), type(self).__name__)
-        g = _finite(state_dict["grad_norm_max"], "grad_norm_max")
+        g = finite_number(state_dict["grad_norm_max"], "grad_norm_max")
         if g < 0.0:
             raise ValueError(f"grad_norm_max must be >= 0, got {g}")
         self._grad_norm_max = g
-        self._temperature = _positive(state_dict["temperature"], "temperature")
+        self._temperature = positive_number(state_dict["temperature"], "temperature")
 
 
 @TEMPERATURE_SCHEDULES.register("lookup_table")
@@ -473,7 +450,7 @@ class LookupTableTemperature(TemperatureSchedule):
             raise ValueError(f"table must be a sequence of temperatures, got {table!r}")
         if len(table) == 0:
             raise ValueError("table must not be empty")
-        return tuple(_positive(t, f"table[{i}]") for i, t in enumerate(table))
+        return tuple(positive_number(t, f"table[{i}]") for i, t in enumerate(table))
 
     @property
     def table(self) -> tuple[float, ...]:
@@ -509,7 +486,7 @@ class LookupTableTemperature(TemperatureSchedule):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         _require_keys(state_dict, ("table", "temperature"), type(self).__name__)
         self._table = self._check_table(state_dict["table"])
-        self._temperature = _positive(state_dict["temperature"], "temperature")
+        self._temperature = positive_number(state_dict["temperature"], "temperature")
 
 
 def to_lookup_table(
@@ -594,8 +571,8 @@ def suggest_initial_temperature(
     num_classes = _integer(num_classes, "num_classes")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    teacher = _positive(teacher_params, "teacher_params")
-    student = _positive(student_params, "student_params")
+    teacher = positive_number(teacher_params, "teacher_params")
+    student = positive_number(student_params, "student_params")
     reasons: list[str] = []
     if num_classes <= 10:
         t = 3.5
@@ -620,7 +597,7 @@ def suggest_initial_temperature(
             raise ValueError(
                 f"class_counts must have num_classes={num_classes} entries, got {len(class_counts)}"
             )
-        counts = [_positive(c, f"class_counts[{i}]") for i, c in enumerate(class_counts)]
+        counts = [positive_number(c, f"class_counts[{i}]") for i, c in enumerate(class_counts)]
         imbalance = max(counts) / min(counts)
         if imbalance >= 10:
             t -= 1.0

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, numpy_helper
-from sklearn.datasets import load_digits
 from torch import nn
 
 from qtemperate.export import (
@@ -25,15 +24,6 @@ from qtemperate.quantization import quantize, set_bit_width
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    return x[:1200], y[:1200], x[1200:], y[1200:]
 
 
 @pytest.fixture(scope="module")

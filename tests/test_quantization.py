@@ -8,7 +8,6 @@ import brevitas.nn as qnn
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 from qtemperate.models import build_model
@@ -76,15 +75,6 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    return x[:1200], y[:1200], x[1200:], y[1200:]
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, bs: int, seed: int):

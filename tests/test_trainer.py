@@ -104,7 +104,7 @@ def test_offline_wandb_run_reads_back(full_run: tuple[Path, dict]) -> None:
 def test_export_verb_reexports_and_verifies(full_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
     from qtemperate.cli import main
 
-    run_dir, s = full_run
+    run_dir, _ = full_run
     assert main(["export", str(run_dir), "--batch-sizes", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["verify_inputs"] == "digits" and report["top1_agreement"] >= 0.99
