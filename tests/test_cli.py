@@ -144,3 +144,21 @@ def test_compare_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_compare_missing_summary_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", str(tmp_path), "--no-plot"]) == 2
     assert "summary.json" in _one_error_line(capsys)
+
+
+def test_run_prints_summary_and_never_overwrites_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_recipe(tmp_path, teacher={"model": "small_cnn", "kwargs": {"width": 8}, "train": {"epochs": 1, "lr": 0.05}})
+    path = _write(tmp_path, raw)
+    assert main(["run", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "student accuracy:" in out and "compression_ratio" in out
+    first = tmp_path / "runs" / "tiny"
+    summary = json.loads((first / "summary.json").read_text())
+    before = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+    # Same recipe again: a fresh folder, the first run untouched.
+    assert main(["run", str(path), "--no-progress", "--set", "stages.1.epochs=1"]) == 0
+    second = tmp_path / "runs" / "tiny-2"
+    assert (second / "summary.json").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == before
+    assert json.loads((first / "summary.json").read_text()) == summary
+    assert "epochs: 1" in (second / "recipe.yaml").read_text()
