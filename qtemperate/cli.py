@@ -71,6 +71,11 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             if q:
                 parts.append(f"int8 speed-up {t / q:.2f}x")
         lines.append(f"onnx latency b{bs}:".ljust(19) + "  ".join(parts))
+    if summary.get("onnx_bytes"):
+        lines.append(
+            f"onnx file:         {summary['onnx_bytes'] / 1024:.1f} KiB on disk "
+            "(graph and quantizer nodes on top of the params x bits above)"
+        )
     if summary.get("onnx_top1_agreement") is not None:
         lines.append(f"onnx agreement:    {summary['onnx_top1_agreement'] * 100:.2f}% top-1 vs PyTorch")
     lines.append(f"wall time:         {summary['wall_time_s']:.1f} s")

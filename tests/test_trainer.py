@@ -154,3 +154,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
     with pytest.raises(TrainingDiverged, match="NaN"):
         Trainer(recipe, run_dir=run_dir, resume=True, progress=False).run()
     assert (run_dir / "checkpoint.pt").read_bytes() == good
+
+
+def test_augmented_data_runs_teacher_every_step_and_resumes_exactly(tmp_path: Path) -> None:
+    raw = _short(tmp_path)
+    raw["data"]["augment"] = True
+    recipe = parse_recipe(raw)
+    full = Trainer(recipe, run_dir=tmp_path / "a", progress=False).run()
+    assert full["teacher_logits_cached"] is False  # random crops: logits differ per epoch
+    with pytest.raises(TrainingInterrupted):
+        Trainer(recipe, run_dir=tmp_path / "b", progress=False, stop_after_epochs=1).run()
+    resumed = Trainer(recipe, run_dir=tmp_path / "b", resume=True, progress=False).run()
+    assert resumed["student_acc"] == full["student_acc"]
