@@ -49,13 +49,14 @@ from qtemperate.planner import plan_student
 from qtemperate.quantization import quantize, set_bit_width
 from qtemperate.recipe import Recipe
 from qtemperate.size import model_size
-from qtemperate.tracking import MetricLogger, build_loggers
+from qtemperate.tracking import MetricLogger, WandbLogger, build_loggers
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "evaluate", "resolve_device"]
 
 CHECKPOINT = "checkpoint.pt"
 TEACHER = "teacher.pt"
 STUDENT_ARCH = "student_arch.pt"
+WANDB_ID = "wandb_run_id.txt"
 
 
 class TrainingDiverged(RuntimeError):
@@ -189,7 +190,10 @@ class Trainer:
         if self._logger is not None:
             return self._logger
         tr = self.recipe.tracking
-        return build_loggers(
+        # A resumed run continues the same W&B run (same id) instead of starting a new one.
+        id_file = self.run_dir / WANDB_ID
+        run_id = id_file.read_text().strip() if self.resume and id_file.is_file() else None
+        logger = build_loggers(
             list(tr.loggers),
             self.run_dir,
             project=tr.project,
@@ -198,7 +202,13 @@ class Trainer:
             mode=tr.mode,
             tags=list(tr.tags),
             config=self.recipe.model_dump(mode="json"),
+            run_id=run_id,
+            resume="allow" if run_id else None,
         )
+        wandb_logger = logger.get(WandbLogger)
+        if wandb_logger is not None and getattr(wandb_logger, "run_id", None):
+            id_file.write_text(str(wandb_logger.run_id))
+        return logger
 
     def _loaders(self, bundle: DataBundle) -> None:
         d = self.recipe.data
