@@ -136,7 +136,36 @@ def _postprocess_qcdq(model: onnx.ModelProto, allow_int4: bool) -> onnx.ModelPro
     _move_dq_below_order_preserving_ops(model)
     _quantize_biases(model)
     _prune_initializers(model)
+    _shorten_names(model)
     return model
+
+
+def _shorten_names(model: onnx.ModelProto) -> None:
+    """Rename internal tensors and nodes to short ids (``t12``, ``n7``).
+
+    The exporter names tensors after Brevitas' module paths
+    (``/layer1/layer1.0/conv1/weight_quant/export_handler/...``); on a small model those
+    strings were ~40 % of a 4-bit file. The graph's input and output keep their names.
+    """
+    g = model.graph
+    keep = {v.name for v in g.input} | {v.name for v in g.output}
+    mapping: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in mapping:
+            mapping[name] = f"t{len(mapping)}"
+        return mapping[name]
+
+    for init in g.initializer:
+        init.name = short(init.name)
+    for i, node in enumerate(g.node):
+        node.name = f"n{i}"
+        node.input[:] = [short(x) for x in node.input]
+        node.output[:] = [short(x) for x in node.output]
+    for vi in g.value_info:
+        vi.name = short(vi.name)
 
 
 def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:

@@ -136,11 +136,12 @@ def test_4bit_export_packs_int4_and_halves_the_weight_bytes(tmp_path, digits) ->
     ratio_file = p4.stat().st_size / p8.stat().st_size
     print(f"4-bit / 8-bit: weight bytes {ratio_weights:.3f}, file {ratio_file:.3f}")
     assert 0.45 < ratio_weights < 0.6
-    assert ratio_file < 0.65
+    # Whole file, with short tensor names (8-bit first/last layers keep it above 0.5).
+    assert ratio_file < 0.6
 
     report = verify_onnx(p4, q, xte[:256])
     print(f"int4 ONNX vs PyTorch: {report}")
-    assert report.top1_agreement >= 0.98
+    assert report.top1_agreement >= 0.99
 
 
 def test_benchmark_returns_positive_medians(tmp_path, digits, trained) -> None:
