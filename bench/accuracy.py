@@ -73,6 +73,15 @@ from qtemperate.trainer import evaluate  # noqa: E402
 
 METHODS = ("qat", "kd_fixed_t4", "temperate_dyn", "temperate_ms", "temperate_joint")
 
+# Both CPU profiles: W8A8 1 epoch -> W4A4 2 epochs, the quickstart's stage settings.
+_QUICK_STAGES: list[dict[str, Any]] = [
+    {"name": "w8a8", "epochs": 1, "weight_bits": 8, "act_bits": 8, "lr": 0.02,
+     "temperature": {"schedule": "temperate", "warmup": 0.0, "adapt_until": 1.0}},
+    {"name": "w4a4", "epochs": 2, "weight_bits": 4, "act_bits": 4, "lr": 0.02,
+     "temperature": {"schedule": "temperate", "warmup": 0.0, "adapt_until": 0.5}},
+]
+_QUICK_OPTIMIZER: dict[str, Any] = {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}
+
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {
         "data": {"name": "fashion_mnist", "batch_size": 128, "eval_batch_size": 1000,
@@ -81,13 +90,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # the students' 5k are the first half) and evaluated on the first 2000 test images.
         "teacher": {"model": "small_cnn", "kwargs": {"width": 32}, "epochs": 3, "lr": 0.05,
                     "limit_train": 10000, "limit_test": 2000},
-        "stages": [
-            {"name": "w8a8", "epochs": 1, "weight_bits": 8, "act_bits": 8, "lr": 0.02,
-             "temperature": {"schedule": "temperate", "warmup": 0.0, "adapt_until": 1.0}},
-            {"name": "w4a4", "epochs": 2, "weight_bits": 4, "act_bits": 4, "lr": 0.02,
-             "temperature": {"schedule": "temperate", "warmup": 0.0, "adapt_until": 0.5}},
-        ],
-        "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4},
+        "stages": _QUICK_STAGES,
+        "optimizer": _QUICK_OPTIMIZER,
         "device": "cpu",
     },
     # The quickstart's setting: a ResNet-8 teacher (stronger than small_cnn) and a
@@ -98,13 +102,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "teacher": {"model": "resnet8", "kwargs": {"width": 16}, "epochs": 4, "lr": 0.1,
                     "limit_train": 12000, "limit_test": 2000},
         "student": {"target_size_ratio": 0.125, "round_to": 8},
-        "stages": [
-            {"name": "w8a8", "epochs": 1, "weight_bits": 8, "act_bits": 8, "lr": 0.02,
-             "temperature": {"schedule": "temperate", "warmup": 0.0, "adapt_until": 1.0}},
-            {"name": "w4a4", "epochs": 2, "weight_bits": 4, "act_bits": 4, "lr": 0.02,
-             "temperature": {"schedule": "temperate", "warmup": 0.0, "adapt_until": 0.5}},
-        ],
-        "optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4},
+        "stages": _QUICK_STAGES,
+        "optimizer": _QUICK_OPTIMIZER,
         "device": "cpu",
     },
     "full": {
