@@ -484,17 +484,20 @@ def _build_digits(
     )
 
 
+def _root_or_env(root: str | os.PathLike[str] | None, env: str, name: str, what: str) -> Path:
+    """The given data folder, else ``$env``; a clear error when neither is set."""
+    if root is None:
+        root = os.environ.get(env)
+        if not root:
+            raise FileNotFoundError(f"{name} needs a data folder: pass root={what} or set {env}")
+    return Path(root)
+
+
 def _cifar_folder(
     root: str | os.PathLike[str] | None, name: str, env: str, sub: str, probe: str
 ) -> Path:
     """``root/sub``, or ``root`` itself when it directly holds ``probe``."""
-    if root is None:
-        if not os.environ.get(env):
-            raise FileNotFoundError(
-                f"{name} needs a data folder: pass root=<dir containing {sub}> or set {env}"
-            )
-        root = os.environ[env]
-    folder = Path(root)
+    folder = _root_or_env(root, env, name, f"<dir containing {sub}>")
     if not (folder / sub).is_dir() and (folder / probe).is_file():
         return folder
     return folder / sub
@@ -569,13 +572,7 @@ def _import_torchvision() -> Any:
 
 
 def _imagenet_root(root: str | os.PathLike[str] | None) -> Path:
-    if root is None:
-        if not os.environ.get(IMAGENET_ENV):
-            raise FileNotFoundError(
-                f"imagenet needs a data folder: pass root=<dir with train/ and val/> or set {IMAGENET_ENV}"
-            )
-        root = os.environ[IMAGENET_ENV]
-    folder = Path(root)
+    folder = _root_or_env(root, IMAGENET_ENV, "imagenet", "<dir with train/ and val/>")
     for split in ("train", "val"):
         if not (folder / split).is_dir():
             raise FileNotFoundError(
