@@ -48,7 +48,7 @@ from qtemperate.models import build_model
 from qtemperate.planner import plan_student
 from qtemperate.quantization import quantize, set_bit_width
 from qtemperate.recipe import Recipe
-from qtemperate.size import model_size
+from qtemperate.size import SizeReport, model_size
 from qtemperate.tracking import MetricLogger, WandbLogger, build_loggers
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "evaluate", "resolve_device"]
@@ -504,7 +504,7 @@ class Trainer:
             saved = load_checkpoint(arch_path, self.device)
             arch, plan = saved["arch"], saved["plan"]
         else:
-            arch, plan = self._build_student(teacher, bundle)
+            arch, plan = self._build_student(teacher, bundle, t_size)
             save_atomic({"arch": arch, "plan": plan}, arch_path)
         teacher_logits = self._cache_teacher_logits(teacher, bundle, logger)
 
@@ -628,7 +628,9 @@ class Trainer:
         logger.log_artifact(self.run_dir / "student.pt", name=f"{r.name}-student", type="model")
         return summary
 
-    def _build_student(self, teacher: nn.Module, bundle: DataBundle) -> tuple[nn.Module, dict[str, Any]]:
+    def _build_student(
+        self, teacher: nn.Module, bundle: DataBundle, teacher_size: SizeReport
+    ) -> tuple[nn.Module, dict[str, Any]]:
         r = self.recipe
         s = r.student
         final = r.final_stage
@@ -648,6 +650,8 @@ class Trainer:
             max_layer_ratio=s.max_layer_ratio,
             calibration_loader=_take(self.calib_loader, 20),
             round_to=s.round_to,
+            # The teacher's size (and its MACs) is already measured by the caller.
+            teacher_size=teacher_size if s.model is None else None,
         )
         return arch, report.to_dict()
 
