@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import statistics
@@ -57,8 +56,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -67,9 +64,12 @@ sys.path.insert(0, str(BENCH.parent))
 from conftest import environment  # noqa: E402
 
 from qtemperate import Trainer, build_model  # noqa: E402
-from qtemperate.data import EpochSeededSampler, build_datasets  # noqa: E402
+from qtemperate.data import build_datasets  # noqa: E402
 from qtemperate.recipe import apply_overrides, parse_recipe  # noqa: E402
 from qtemperate.trainer import evaluate  # noqa: E402
+from qtemperate.training.console import Console  # noqa: E402
+
+_PRINT = Console(True)
 
 METHODS = ("qat", "kd_fixed_t4", "temperate_dyn", "temperate_ms", "temperate_joint")
 
@@ -123,36 +123,26 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 # --------------------------------------------------------------------------- teacher
 def train_teacher(profile: dict[str, Any], path: Path, seed: int = 0) -> dict[str, Any]:
-    """Train the shared teacher once (plain CE, SGD + nesterov, cosine per step)."""
+    """Train the shared teacher once with the pipeline's own teacher step
+    (:func:`qtemperate.training.teacher.train_teacher`: plain CE, SGD + nesterov, cosine per step)."""
     if path.is_file():
         return json.loads(path.with_suffix(".json").read_text())
-    from qtemperate.trainer import resolve_device
+    from qtemperate.data import build_run_loaders
+    from qtemperate.recipe import OptimizerConfig
+    from qtemperate.training.device import resolve_device
+    from qtemperate.training.teacher import train_teacher as train
 
     device = resolve_device(profile["device"])
     d, t = profile["data"], profile["teacher"]
     torch.manual_seed(seed)
     bundle = build_datasets(d["name"], limit_train=t.get("limit_train", d.get("limit_train")),
                             limit_test=t.get("limit_test", d.get("limit_test")), seed=seed)
+    loaders = build_run_loaders(bundle, d["batch_size"], d["eval_batch_size"], seed=seed)
     model = build_model(t["model"], num_classes=bundle.num_classes, in_channels=bundle.in_channels,
                         **t["kwargs"]).to(device)
-    sampler = EpochSeededSampler(len(bundle.train), seed)
-    loader = DataLoader(bundle.train, batch_size=d["batch_size"], sampler=sampler, drop_last=True)
-    test_loader = DataLoader(bundle.test, batch_size=d["eval_batch_size"])
-    opt = torch.optim.SGD(model.parameters(), lr=t["lr"], momentum=0.9, weight_decay=5e-4, nesterov=True)
-    total, step, t0 = t["epochs"] * len(loader), 0, time.perf_counter()
-    for epoch in range(t["epochs"]):
-        sampler.set_epoch(10_000 + epoch)
-        model.train()
-        for x, y in loader:
-            for g in opt.param_groups:
-                g["lr"] = t["lr"] * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-        acc, _ = evaluate(model, test_loader, device)
-        print(f"teacher epoch {epoch + 1}/{t['epochs']}: test acc {acc:.4f}", flush=True)
+    t0 = time.perf_counter()
+    train(model, loaders, t["epochs"], t["lr"], OptimizerConfig(), device, seed=seed, console=_PRINT)
+    acc, _ = evaluate(model, loaders.test, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict()}, path)
     info = {"model": t["model"], "kwargs": t["kwargs"], "epochs": t["epochs"], "lr": t["lr"], "seed": seed,

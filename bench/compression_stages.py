@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -56,7 +55,10 @@ from qtemperate import (  # noqa: E402
     verify_onnx,
 )
 from qtemperate.data import EpochSeededSampler, build_datasets  # noqa: E402
+from qtemperate.recipe import OptimizerConfig  # noqa: E402
 from qtemperate.trainer import evaluate  # noqa: E402
+from qtemperate.training.lr_schedule import lr_at, set_lr  # noqa: E402
+from qtemperate.training.optimizer import build_optimizer  # noqa: E402
 
 DEVICE = torch.device("cpu")
 
@@ -64,14 +66,13 @@ DEVICE = torch.device("cpu")
 def train(model: nn.Module, loader: DataLoader, sampler: EpochSeededSampler, steps: int, lr: float,
           epoch_seed: int) -> float:
     """``steps`` SGD steps (cosine from ``lr``), epochs re-shuffled; returns seconds."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    opt = build_optimizer(model, OptimizerConfig(), lr)
     model.train()
     t0, step, ep = time.perf_counter(), 0, epoch_seed
     while step < steps:
         sampler.set_epoch(ep)
         for x, y in loader:
-            for g in opt.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            set_lr(opt, lr_at(step, steps, lr))
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -31,9 +31,12 @@ from qtemperate.temperature import TEMPERATURE_SCHEDULES as TEMPERATURE_SCHEDULE
 from qtemperate.temperature import ConstantTemperature as ConstantTemperature
 from qtemperate.temperature import GradientNormTemperature as GradientNormTemperature
 from qtemperate.temperature import LookupTableTemperature as LookupTableTemperature
+from qtemperate.temperature import ScheduleSettings as ScheduleSettings
+from qtemperate.temperature import StageContext as StageContext
 from qtemperate.temperature import TemperateSchedule as TemperateSchedule
 from qtemperate.temperature import TemperatureSchedule as TemperatureSchedule
 from qtemperate.temperature import TemperatureSuggestion as TemperatureSuggestion
+from qtemperate.temperature import settings_model as settings_model
 from qtemperate.temperature import suggest_initial_temperature as suggest_initial_temperature
 from qtemperate.temperature import to_lookup_table as to_lookup_table
 
@@ -44,12 +47,16 @@ if TYPE_CHECKING:
     from qtemperate.compare import pareto_front as pareto_front
     from qtemperate.data import DATASETS as DATASETS
     from qtemperate.data import DataBundle as DataBundle
+    from qtemperate.data import DatasetInfo as DatasetInfo
     from qtemperate.data import EpochSeededSampler as EpochSeededSampler
     from qtemperate.data import build_datasets as build_datasets
+    from qtemperate.data import build_run_loaders as build_run_loaders
     from qtemperate.data import check_data_available as check_data_available
+    from qtemperate.data import dataset_info as dataset_info
     from qtemperate.data import make_loaders as make_loaders
     from qtemperate.export import VerifyReport as VerifyReport
     from qtemperate.export import benchmark_onnx as benchmark_onnx
+    from qtemperate.export import export_and_check as export_and_check
     from qtemperate.export import export_onnx as export_onnx
     from qtemperate.export import verify_onnx as verify_onnx
     from qtemperate.models import MODELS as MODELS
@@ -81,7 +88,6 @@ if TYPE_CHECKING:
     from qtemperate.tracking import MultiLogger as MultiLogger
     from qtemperate.tracking import WandbLogger as WandbLogger
     from qtemperate.tracking import build_loggers as build_loggers
-    from qtemperate.tracking import read_offline_run as read_offline_run
     from qtemperate.trainer import Trainer as Trainer
     from qtemperate.trainer import TrainingDiverged as TrainingDiverged
 
@@ -101,6 +107,10 @@ _LAZY = {
     "model_size": "qtemperate.size",
     "SizeReport": "qtemperate.size",
     "export_onnx": "qtemperate.export",
+    "export_and_check": "qtemperate.export",
+    "DatasetInfo": "qtemperate.data",
+    "dataset_info": "qtemperate.data",
+    "build_run_loaders": "qtemperate.data",
     "verify_onnx": "qtemperate.export",
     "benchmark_onnx": "qtemperate.export",
     "plan_student": "qtemperate.planner",
@@ -131,7 +141,6 @@ _LAZY = {
     "WandbLogger": "qtemperate.tracking",
     "MultiLogger": "qtemperate.tracking",
     "build_loggers": "qtemperate.tracking",
-    "read_offline_run": "qtemperate.tracking",
     "PlanReport": "qtemperate.planner",
     "load_student": "qtemperate.checkpoint",
     "save_student": "qtemperate.checkpoint",
@@ -152,6 +161,7 @@ __all__ = [
     "ConstantTemperature",
     "CouplingRule",
     "DataBundle",
+    "DatasetInfo",
     "EpochSeededSampler",
     "GradientNormTemperature",
     "JointScheduler",
@@ -168,7 +178,9 @@ __all__ = [
     "Registry",
     "ResidualAdd",
     "ResidualAddMarker",
+    "ScheduleSettings",
     "SizeReport",
+    "StageContext",
     "StageState",
     "TemperateLoss",
     "TemperateSchedule",
@@ -182,10 +194,13 @@ __all__ = [
     "build_datasets",
     "build_loggers",
     "build_model",
+    "build_run_loaders",
     "check_data_available",
     "compare_runs",
     "count_macs",
     "count_params_macs",
+    "dataset_info",
+    "export_and_check",
     "export_onnx",
     "get_bit_widths",
     "get_quant_config",
@@ -204,10 +219,10 @@ __all__ = [
     "prune",
     "pruning_plan",
     "quantize",
-    "read_offline_run",
     "recalibrate_batchnorm",
     "save_student",
     "set_bit_width",
+    "settings_model",
     "suggest_initial_temperature",
     "to_lookup_table",
     "verify_onnx",

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qtemperate.bits import FLOAT_BITS
+
 __all__ = ["load_checkpoint", "load_student", "save_atomic", "save_student"]
 
 STUDENT_FORMAT = "qtemperate.student/1"
@@ -91,7 +93,7 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not isinstance(payload, dict) or payload.get("format") != STUDENT_FORMAT:
         raise ValueError(f"{path}: not a qtemperate student file")
     arch = payload["arch"]
-    if payload["weight_bits"] == 32:
+    if payload["weight_bits"] == FLOAT_BITS:
         model = arch
     else:
         model = quantize(

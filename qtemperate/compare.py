@@ -98,16 +98,22 @@ def pareto_plot(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
 
 
 def export_run(run_dir: Path, batch_sizes: Sequence[int] = (1, 64), samples: int = 256) -> dict[str, Any]:
-    """Rebuild a run's ``student.pt``, export ``student.onnx``, verify and time it.
+    """Rebuild a run's ``student.pt``, export ``student.onnx`` (and its int8 twin), verify and time it.
+
+    The same export-and-check step as ``qtemperate run``
+    (:func:`~qtemperate.export.check.export_and_check`), so the keys are
+    ``summary.json``'s (``onnx_top1_agreement``, ``onnx_max_abs_diff``,
+    ``onnx_latency_ms``, ``int8_onnx_latency_ms``, ...). ``top1_agreement`` and
+    ``max_abs_diff`` are kept as deprecated aliases (removed in 0.3).
 
     Verification uses the run's own test data when it is available (the resolved
     ``recipe.yaml``), otherwise random inputs of the right shape (agreement then
-    says less; the report says which).
+    says less; ``verify_inputs`` says which).
     """
     import torch
 
     from qtemperate.checkpoint import load_student
-    from qtemperate.export import benchmark_onnx, export_onnx, verify_onnx
+    from qtemperate.export import export_and_check
     from qtemperate.recipe import RecipeError, load_recipe
 
     if not (run_dir / "student.pt").is_file():
@@ -128,16 +134,12 @@ def export_run(run_dir: Path, batch_sizes: Sequence[int] = (1, 64), samples: int
 
         info = dataset_info(recipe.data.name, recipe.data.kwargs)
         inputs = torch.randn(samples, info.in_channels, *info.image_size)
-    path = export_onnx(model, run_dir / "student.onnx", inputs[:1])
-    rep = verify_onnx(path, model, inputs)
-    lat = benchmark_onnx(path, batch_sizes=tuple(batch_sizes))
+    report = export_and_check(model, run_dir, inputs, batch_sizes=batch_sizes, iters=20)
     return {
-        "onnx_path": str(path),
-        "onnx_bytes": Path(path).stat().st_size,
+        **report,
         "weight_bits": meta["weight_bits"],
         "act_bits": meta["act_bits"],
         "verify_inputs": source,
-        "top1_agreement": rep.top1_agreement,
-        "max_abs_diff": rep.max_abs_diff,
-        "onnx_latency_ms": {str(k): v for k, v in lat.items()},
+        "top1_agreement": report["onnx_top1_agreement"],
+        "max_abs_diff": report["onnx_max_abs_diff"],
     }

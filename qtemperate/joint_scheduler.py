@@ -22,35 +22,55 @@ affine map that keeps 1 fixed: ``T_i(t) = 1 + (T_i − 1) · (T(t) − 1) / (T_r
 so (6, 3, 1) at ``T(t) = 6`` is unchanged and every scale reaches 1 together when
 the schedule decays to 1.
 
+Each stage's schedule is built through the registry, never by kind:
+``TEMPERATURE_SCHEDULES.get(stage.schedule).for_stage(StageContext(...), **stage.schedule_kwargs)``,
+and stepped through the one interface: :meth:`JointScheduler.step` calls
+``schedule.step(local_epoch, val_loss)`` once per epoch and
+:meth:`JointScheduler.step_update` calls ``schedule.step_update(num_updates, grad_norm)``
+once per optimizer update. :attr:`JointScheduler.wants_grad_norm` says whether the
+current stage's schedule reads the gradient norm, so a loop computes it (a host sync
+on a GPU) only then.
+
 Example (your own QAT loop)::
 
     sched = JointScheduler([BitStage("w8a8", 3, 8, 8), BitStage("w4a4", 3, 4, 4)],
-                           temperatures=(6.0, 3.0, 1.0))
+                           temperatures=(6.0, 3.0, 1.0))   # or JointScheduler.from_recipe(recipe)
     loss_fn = TemperateLoss(kd_weight=0.9, temperatures=(6.0, 3.0, 1.0))
-    val_loss = None
+    val_loss, updates = None, 0
     for epoch in range(sched.total_epochs):
         st = sched.step(epoch, val_loss)
         if st.stage_started and st.quantized:
             set_bit_width(qmodel, st.weight_bits, st.act_bits)
         loss_fn.set_temperatures(st.temperatures, st.weights)
-        ...  # train one epoch, then val_loss = evaluate(...)
+        for x, y in loader:
+            ...  # forward, backward
+            updates += 1
+            if sched.wants_grad_norm:
+                st = sched.step_update(updates, clip_grad_norm_(qmodel.parameters(), 5.0))
+                loss_fn.set_temperatures(st.temperatures, st.weights)
+            ...  # optimizer step
+        val_loss = evaluate(...)
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from qtemperate.bits import FLOAT_BITS, check_bits, halvings, is_quantized
 from qtemperate.losses import normalize_weights
 from qtemperate.temperature import (
-    ConstantTemperature,
-    GradientNormTemperature,
-    LookupTableTemperature,
-    TemperateSchedule,
+    TEMPERATURE_SCHEDULES,
+    StageContext,
     TemperatureSchedule,
+    settings_model,
 )
+
+if TYPE_CHECKING:
+    from qtemperate.recipe import Recipe
 
 __all__ = [
     "BitDropCoupling",
@@ -62,13 +82,7 @@ __all__ = [
     "halvings",
 ]
 
-FLOAT_BITS = 32
 _ANCHOR = 1.0  # the temperature that leaves logits unsoftened; fixed by the affine map
-
-
-def halvings(weight_bits: int, act_bits: int, reference_bits: int = FLOAT_BITS) -> float:
-    """Number of halvings of precision: ``log2(reference / min(weight_bits, act_bits))``."""
-    return max(0.0, math.log2(reference_bits / min(weight_bits, act_bits)))
 
 
 @dataclass(frozen=True)
@@ -81,10 +95,12 @@ class BitStage:
         weight_bits: 32 for float, else 2..8.
         act_bits: 32 for float, else 2..8.
         lr: Peak learning rate of the stage (``None``: the optimizer's).
-        schedule: Temperature schedule kind inside the stage: ``temperate``,
-            ``constant``, ``gradient_norm`` or ``lookup_table``.
-        schedule_kwargs: Extra arguments of that schedule (``alpha``, ``warmup`` ...).
-            A ``base_temperature`` here overrides the coupling rule for the stage.
+        schedule: Temperature schedule kind inside the stage, a key of
+            :data:`~qtemperate.temperature.TEMPERATURE_SCHEDULES` (``temperate``,
+            ``constant``, ``gradient_norm``, ``lookup_table`` or one you registered).
+        schedule_kwargs: The schedule's settings, passed to its ``for_stage``
+            (``alpha``, ``warmup`` ...). A ``base_temperature`` here also overrides
+            the coupling rule's starting temperature for the stage.
     """
 
     name: str
@@ -99,17 +115,19 @@ class BitStage:
         if self.epochs < 1:
             raise ValueError(f"stage {self.name!r}: epochs must be >= 1, got {self.epochs}")
         for label, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
-            if bits != FLOAT_BITS and not 2 <= bits <= 8:
-                raise ValueError(f"stage {self.name!r}: {label} must be 2..8 or 32, got {bits}")
-        if self.schedule not in _SCHEDULE_KINDS:
+            try:
+                check_bits(label, bits)
+            except ValueError as exc:
+                raise ValueError(f"stage {self.name!r}: {exc}") from None
+        if self.schedule not in TEMPERATURE_SCHEDULES:
             raise ValueError(
-                f"stage {self.name!r}: unknown schedule {self.schedule!r}; "
-                f"known: {', '.join(sorted(_SCHEDULE_KINDS))}"
+                f"stage {self.name!r}: unknown temperature schedule {self.schedule!r}; "
+                f"known: {', '.join(TEMPERATURE_SCHEDULES.keys())}"
             )
 
     @property
     def quantized(self) -> bool:
-        return self.weight_bits != FLOAT_BITS or self.act_bits != FLOAT_BITS
+        return is_quantized(self.weight_bits, self.act_bits)
 
 
 @dataclass(frozen=True)
@@ -187,9 +205,6 @@ class NoCoupling(CouplingRule):
         return tuple(weights)
 
 
-_SCHEDULE_KINDS = {"temperate", "constant", "gradient_norm", "lookup_table"}
-
-
 class JointScheduler:
     """Stage boundaries plus temperature within and across bit-width stages.
 
@@ -205,6 +220,10 @@ class JointScheduler:
     The state is minimal: each stage's schedule state and the last epoch stepped.
     ``step(epoch, val_loss)`` is idempotent for an epoch, so a resumed run calls it
     again and gets the same answer.
+
+    Raises:
+        ValueError: for bad arguments, or a stage whose schedule cannot be built from
+            its settings (naming the stage and the setting).
     """
 
     def __init__(
@@ -244,6 +263,37 @@ class JointScheduler:
         self._schedules: list[TemperatureSchedule] = [self._build(i) for i in range(len(self.stages))]
         self._last: StageState | None = None
 
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> JointScheduler:
+        """The scheduler a :class:`~qtemperate.recipe.Recipe` describes.
+
+        One :class:`BitStage` per recipe stage (its label, epochs, bits, lr, and its
+        ``temperature`` block as the schedule kind plus settings), the distillation
+        temperatures and weights, and the coupling: ``bit_drop`` →
+        :class:`BitDropCoupling` with ``temperature_step_per_halving`` and
+        ``weight_shift``, ``none`` → :class:`NoCoupling`. The clamps are the defaults
+        (1 and 10).
+        """
+        stages = [
+            BitStage(
+                st.label,
+                st.epochs,
+                st.weight_bits,
+                st.act_bits,
+                st.lr,
+                st.temperature.schedule,
+                st.temperature.settings(),
+            )
+            for st in recipe.stages
+        ]
+        dist = recipe.distillation
+        coupling: CouplingRule = (
+            NoCoupling()
+            if dist.coupling == "none"
+            else BitDropCoupling(step=dist.temperature_step_per_halving, shift=dist.weight_shift)
+        )
+        return cls(stages, dist.temperatures, dist.weights, coupling)
+
     # -- construction -------------------------------------------------------------
     def start_temperature(self, stage_index: int) -> float:
         """The coupled starting temperature of a stage, clamped to [min, max]."""
@@ -256,29 +306,35 @@ class JointScheduler:
         )
         return min(max(t0, self.min_temperature), self.max_temperature)
 
+    def stage_context(self, stage_index: int) -> StageContext:
+        """What the stage's schedule is built from: its epochs, start T and the clamps."""
+        return StageContext(
+            epochs=self.stages[stage_index].epochs,
+            start_temperature=self.start_temperature(stage_index),
+            min_temperature=self.min_temperature,
+            max_temperature=self.max_temperature,
+        )
+
     def _build(self, idx: int) -> TemperatureSchedule:
         st = self.stages[idx]
-        kw = {k: v for k, v in st.schedule_kwargs.items() if k != "base_temperature"}
-        t0 = self.start_temperature(idx)
-        lo = kw.pop("min_temperature", self.min_temperature)
-        hi = kw.pop("max_temperature", self.max_temperature)
-        if st.schedule == "temperate":
-            kw.pop("table", None)
-            return TemperateSchedule(
-                total_epochs=st.epochs,
-                base_temperature=min(max(t0, lo), hi),
-                min_temperature=lo,
-                max_temperature=hi,
-                **kw,
-            )
-        if st.schedule == "constant":
-            return ConstantTemperature(t0)
-        if st.schedule == "gradient_norm":
-            return GradientNormTemperature(min_temperature=lo, max_temperature=max(t0, lo))
-        table = kw.get("table")
-        if not table:
-            raise ValueError(f"stage {st.name!r}: lookup_table schedule needs a table")
-        return LookupTableTemperature(table)
+        where = f"stage {st.name!r} (schedule {st.schedule!r})"
+        kind = TEMPERATURE_SCHEDULES.get(st.schedule)
+        try:
+            model = settings_model(kind)
+        except TypeError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if model.model_config.get("extra") == "forbid":
+            known = list(model.model_fields)
+            unknown = [k for k in st.schedule_kwargs if k not in known]
+            if unknown:
+                raise ValueError(
+                    f"{where}: {', '.join(unknown)}: not a setting of this schedule; "
+                    f"its settings: {', '.join(known) or '(none)'}"
+                )
+        try:
+            return kind.for_stage(self.stage_context(idx), **st.schedule_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from exc
 
     # -- queries ------------------------------------------------------------------
     def stage_index(self, epoch: int) -> int:
@@ -318,8 +374,19 @@ class JointScheduler:
 
     @property
     def state(self) -> StageState | None:
-        """The last state returned by :meth:`step` or :meth:`observe_grad_norm`."""
+        """The last state returned by :meth:`step` or :meth:`step_update`."""
         return self._last
+
+    @property
+    def wants_grad_norm(self) -> bool:
+        """Whether the current stage's schedule reads the gradient norm per update.
+
+        The current stage is the one of the last :meth:`step` (the first stage before
+        any step). When false, :meth:`step_update` needs no ``grad_norm``, so a loop
+        can skip reading it (``float(norm)`` is a host sync on a GPU).
+        """
+        idx = 0 if self._last is None else self._last.stage_index
+        return self._schedules[idx].uses_grad_norm
 
     # -- stepping -----------------------------------------------------------------
     def step(self, epoch: int, val_loss: float | None = None) -> StageState:
@@ -332,27 +399,51 @@ class JointScheduler:
         """
         idx = self.stage_index(epoch)
         local = epoch - self._starts[idx]
-        sched = self._schedules[idx]
-        if isinstance(sched, TemperateSchedule):
-            temperature = sched.step(local, val_loss)
-        elif isinstance(sched, LookupTableTemperature):
-            temperature = sched.step(local)
-        else:  # constant and gradient-norm: value set per step / fixed
-            temperature = sched.temperature
+        temperature = self._schedules[idx].step(local, val_loss)
         self._last = self._state(epoch, idx, local, float(temperature))
         return self._last
 
+    def step_update(self, num_updates: int, grad_norm: float | None = None) -> StageState:
+        """Observe one optimizer update of the current epoch and return what to train with.
+
+        Calls ``schedule.step_update(num_updates, grad_norm)`` on the current stage's
+        schedule: a ``gradient_norm`` stage moves T here, the others keep it (and
+        then the same :class:`StageState` is returned).
+
+        Args:
+            num_updates: Optimizer updates done so far in the run.
+            grad_norm: The student's gradient norm (float or 0-dim tensor); required
+                when :attr:`wants_grad_norm`, else ignored.
+
+        Raises:
+            RuntimeError: before the first :meth:`step`.
+            ValueError: for a missing or bad ``grad_norm`` where one is needed.
+        """
+        last = self._last
+        if last is None:
+            raise RuntimeError("call step(epoch) before step_update()")
+        t = float(self._schedules[last.stage_index].step_update(num_updates, grad_norm))
+        if t != last.temperature:
+            self._last = self._state(last.epoch, last.stage_index, last.epoch_in_stage, t)
+        return self._last
+
     def observe_grad_norm(self, grad_norm: float) -> StageState:
-        """Feed the student's gradient norm (``gradient_norm`` stages move T per step)."""
+        """Deprecated alias of :meth:`step_update` (removed in 0.2.0).
+
+        Feeds ``grad_norm`` to the current stage as ``step_update(0, grad_norm)`` (the
+        alias has no update count); stages that do not read it keep T, as before.
+        """
+        warnings.warn(
+            "JointScheduler.observe_grad_norm(grad_norm) is deprecated and will be removed in "
+            "0.2.0; call step_update(num_updates, grad_norm)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         if self._last is None:
             raise RuntimeError("call step(epoch) before observe_grad_norm()")
-        sched = self._schedules[self._last.stage_index]
-        if isinstance(sched, GradientNormTemperature):
-            t = float(sched.step(grad_norm))
-            self._last = self._state(
-                self._last.epoch, self._last.stage_index, self._last.epoch_in_stage, t
-            )
-        return self._last
+        if not self.wants_grad_norm:
+            return self._last
+        return self.step_update(0, grad_norm)
 
     def _state(self, epoch: int, idx: int, local: int, temperature: float) -> StageState:
         st = self.stages[idx]

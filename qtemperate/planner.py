@@ -17,21 +17,20 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from qtemperate.pruning import prune
+from qtemperate.bits import FLOAT_BITS
+from qtemperate.pruning import UnreachableTarget, prune
 from qtemperate.quantization import quantize, set_bit_width
 from qtemperate.recipe import Recipe
 from qtemperate.size import SizeReport, model_size
 
 __all__ = ["PlanReport", "StagePlan", "plan_recipe", "plan_stages", "plan_student"]
-
-FLOAT_BITS = 32
 
 
 @dataclass
@@ -74,6 +73,34 @@ def _quantized_bytes(
 ) -> float:
     q = quantize(model, weight_bits, act_bits, first_last_bits=first_last_bits, per_channel=per_channel)
     return float(model_size(q).quantized_bytes)
+
+
+def _search_bytes(
+    do_prune: Callable[[float], tuple[nn.Module, dict[str, Any] | None]],
+    student_bytes: Callable[[nn.Module], float],
+    teacher: nn.Module,
+    target: float,
+    max_rounds: int,
+) -> tuple[nn.Module, dict[str, Any] | None, float, int, float]:
+    """Shrink the kept-parameter ratio until the student's bytes meet ``target``.
+
+    ``r0 = 0.99 · target / bytes(teacher at the final bits)``, then
+    ``r ← 0.98 · r · target / bytes`` until ``bytes ≤ target`` or ``max_rounds``.
+
+    Returns:
+        ``(student, prune report, bytes, rounds, ratio)``; the caller checks the target.
+    """
+    full = student_bytes(teacher)
+    ratio = 1.0 if full <= target else min(1.0, target / full * 0.99)
+    student, rep = do_prune(ratio)
+    sbytes = student_bytes(student) if ratio < 0.999 else full
+    rounds = 1
+    while sbytes > target and rounds < max_rounds:
+        ratio = ratio * target / sbytes * 0.98
+        student, rep = do_prune(ratio)
+        sbytes = student_bytes(student)
+        rounds += 1
+    return student, rep, sbytes, rounds, ratio
 
 
 def plan_student(
@@ -148,30 +175,26 @@ def plan_student(
             )
         return pruned, rep.to_dict()
 
-    rounds = 0
-    chosen: float | None = prune_ratio
     if target_size_ratio is None:
         student, rep = do_prune(prune_ratio if prune_ratio is not None else 1.0)
-        sbytes = student_bytes(student)
+        sbytes, rounds, chosen = student_bytes(student), 0, prune_ratio
     else:
-        target = target_size_ratio * teacher_bytes
-        full = student_bytes(teacher)
-        ratio = 1.0 if full <= target else min(1.0, target / full * 0.99)
-        student, rep = do_prune(ratio)
-        sbytes = student_bytes(student) if ratio < 0.999 else full
-        rounds = 1
-        while sbytes > target and rounds < max_rounds:
-            ratio = ratio * target / sbytes * 0.98
-            student, rep = do_prune(ratio)
-            sbytes = student_bytes(student)
-            rounds += 1
-        if sbytes > target:
+        try:
+            student, rep, sbytes, rounds, chosen = _search_bytes(
+                do_prune, student_bytes, teacher, target_size_ratio * teacher_bytes, max_rounds
+            )
+        except UnreachableTarget as exc:
+            raise ValueError(
+                f"student.target_size_ratio={target_size_ratio} not reachable: pruning with "
+                f"max_layer_ratio={max_layer_ratio} keeps at least {exc.smallest:.4f} of the "
+                "parameters (raise max_layer_ratio or lower the final bit width)"
+            ) from None
+        if sbytes > target_size_ratio * teacher_bytes:
             raise ValueError(
                 f"student.target_size_ratio={target_size_ratio} not reachable: best "
                 f"{sbytes / teacher_bytes:.4f} after {rounds} rounds (raise max_layer_ratio "
                 "or lower the final bit width)"
             )
-        chosen = ratio
     s_size = model_size(student, example_input)
     if rep is not None:
         chosen = float(rep["params_ratio"])  # what pruning achieved, not what was asked
@@ -239,37 +262,23 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
     re-estimation), quantizes it through the stages and reports per stage params,
     MACs, bytes and ``compression_ratio`` (student bytes / teacher float bytes).
     """
-    from qtemperate.models import build_model
     from qtemperate.preflight import dataset_info
+    from qtemperate.training.architecture import build_for_data
+    from qtemperate.training.student import derive_student
 
     t0 = time.perf_counter()
     info = dataset_info(recipe.data.name, recipe.data.kwargs)
-    kwargs = {"num_classes": info.num_classes, "in_channels": info.in_channels, **recipe.teacher.kwargs}
-    teacher = build_model(recipe.teacher.model, **kwargs).eval()
+    teacher = build_for_data(recipe.teacher.model, recipe.teacher.kwargs, info.num_classes, info.in_channels).eval()
     example = torch.randn(1, info.in_channels, *info.image_size)
     s = recipe.student
-    final = recipe.final_stage
-    if s.model is not None:
-        skw = {"num_classes": info.num_classes, "in_channels": info.in_channels, **s.kwargs}
-        base = build_model(s.model, **skw).eval()
-    else:
-        base = teacher
     t_size = model_size(teacher, example)
     teacher_bytes = float(t_size.float_bytes)
-    report: PlanReport | None = None
-    if s.model is not None and s.prune_ratio is None and s.target_size_ratio is None:
-        student = base
-    else:
-        student, report = plan_student(
-            base, example, final.weight_bits, final.act_bits,
-            first_last_bits=s.first_last_bits, per_channel=s.per_channel,
-            target_size_ratio=s.target_size_ratio if s.model is None else None,
-            prune_ratio=s.prune_ratio, importance=s.importance,
-            # Widths depend only on the per-group ratio, not on how many steps reach
-            # it, so the dry run prunes in one step: same sizes, a fraction of the time.
-            iterative_steps=1, max_layer_ratio=s.max_layer_ratio,
-            round_to=s.round_to, teacher_size=t_size if s.model is None else None,
-        )
+    # Widths depend only on the per-group ratio, not on how many steps reach it, so the
+    # dry run prunes in one step: same sizes, a fraction of the time.
+    student, report = derive_student(
+        recipe, teacher, info.num_classes, info.in_channels, example, iterative_steps=1, teacher_size=t_size,
+    )
+    student.eval()
     stages = plan_stages(
         student, example, [(st.label, st.weight_bits, st.act_bits) for st in recipe.stages],
         teacher_bytes, first_last_bits=s.first_last_bits, per_channel=s.per_channel,

@@ -8,62 +8,39 @@ after an hour of training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qtemperate.data import DatasetInfo as DatasetInfo
+from qtemperate.data import DatasetOptionError, check_data_available
+from qtemperate.data import dataset_info as _dataset_info
 from qtemperate.recipe import Recipe, RecipeError
 
 __all__ = ["DatasetInfo", "dataset_info", "preflight"]
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Shape facts about a dataset that are known without reading it."""
-
-    num_classes: int
-    in_channels: int
-    image_size: tuple[int, int]
-
-
-_KNOWN = {
-    "fashion_mnist": DatasetInfo(10, 1, (28, 28)),
-    "digits": DatasetInfo(10, 1, (8, 8)),
-    "cifar10": DatasetInfo(10, 3, (32, 32)),
-    "cifar100": DatasetInfo(100, 3, (32, 32)),
-    "imagenet": DatasetInfo(1000, 3, (224, 224)),
-}
-
-
 def dataset_info(name: str, kwargs: dict[str, Any] | None = None) -> DatasetInfo:
-    """Classes, channels and image size of a dataset, from its name and kwargs alone.
+    """Classes, channels and image size of a recipe's dataset, without reading data.
 
-    ``synthetic`` and ``imagenet`` take ``num_classes`` / ``in_channels`` /
-    ``image_size`` from the recipe's ``data.kwargs`` when given.
+    The facts come from the dataset's registration (:func:`qtemperate.data.dataset_info`,
+    e.g. cifar100 with ``label_mode: coarse`` has 20 classes); this wrapper only turns
+    its errors into :class:`RecipeError` naming the recipe field.
+
+    Raises:
+        RecipeError: ``data.name`` for an unknown dataset, ``data.kwargs.<option>`` for
+            an option the builder does not take (listing the accepted ones) or a bad
+            option value, ``data`` for any other problem with the options.
     """
-    kw = kwargs or {}
-    if name == "synthetic":
-        from qtemperate.data import SYNTHETIC_DEFAULTS
-
-        base = DatasetInfo(
-            SYNTHETIC_DEFAULTS["num_classes"],
-            SYNTHETIC_DEFAULTS["in_channels"],
-            tuple(SYNTHETIC_DEFAULTS["image_size"]),  # type: ignore[arg-type]
-        )
-    elif name in _KNOWN:
-        base = _KNOWN[name]
-    else:
-        raise RecipeError(f"data.name: unknown dataset {name!r}")
-    size = kw.get("image_size", base.image_size)
-    if isinstance(size, int):
-        size = (size, size)
-    return DatasetInfo(
-        int(kw.get("num_classes", base.num_classes)),
-        int(kw.get("in_channels", base.in_channels)),
-        (int(size[0]), int(size[1])),
-    )
+    try:
+        return _dataset_info(name, kwargs)
+    except KeyError as exc:
+        raise RecipeError(f"data.name: {exc.args[0]}") from None
+    except DatasetOptionError as exc:
+        raise RecipeError(f"data.kwargs.{exc.option}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"data: {exc}") from None
 
 
 def _classifier_outputs(state: dict[str, torch.Tensor]) -> int | None:
@@ -78,17 +55,20 @@ def _classifier_outputs(state: dict[str, torch.Tensor]) -> int | None:
 def preflight(recipe: Recipe, check_data: bool = True) -> DatasetInfo:
     """Check what the recipe points at; raise :class:`RecipeError` naming the problem.
 
-    Checks: the data folder/files exist (no downloads), the teacher checkpoint
-    exists and loads, its classifier width equals the dataset's class count, an
-    explicit ``num_classes`` in teacher/student kwargs agrees with the data, and
-    model names resolve.
+    Checks: ``data.kwargs`` are options the dataset's builder takes, the data
+    folder/files exist (no downloads), the teacher checkpoint exists and loads, its
+    classifier width equals the dataset's class count (as the dataset states it for
+    these options, e.g. 20 for cifar100 ``label_mode: coarse``), an explicit
+    ``num_classes`` in teacher/student kwargs agrees with the data, and model names
+    resolve.
+
+    Returns:
+        The dataset's facts.
     """
     from qtemperate.models import MODELS
 
     info = dataset_info(recipe.data.name, recipe.data.kwargs)
     if check_data:
-        from qtemperate.data import check_data_available
-
         try:
             check_data_available(recipe.data.name, recipe.data.root)
         except (FileNotFoundError, ImportError) as exc:

@@ -41,6 +41,7 @@ from qtemperate.registry import Registry
 __all__ = [
     "IMPORTANCES",
     "PruneReport",
+    "UnreachableTarget",
     "count_params_macs",
     "prune",
     "pruning_plan",
@@ -61,6 +62,18 @@ _ACCEPT_TOL = 0.03
 _MAX_TRIALS = 24
 _MAX_REFINES = 2
 _WIDTH_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+class UnreachableTarget(ValueError):
+    """The requested kept fraction is below what ``max_layer_ratio`` allows.
+
+    Attributes:
+        smallest: The smallest kept fraction (of params or MACs) that is achievable.
+    """
+
+    def __init__(self, message: str, smallest: float) -> None:
+        super().__init__(message)
+        self.smallest = smallest
 
 
 @dataclass
@@ -340,10 +353,11 @@ class _Pruning:
             return lo, f_lo
         hi, f_hi = r_max, self.trial(r_max)  # want f_hi <= goal
         if f_hi > goal + _ACCEPT_TOL:
-            raise ValueError(
+            raise UnreachableTarget(
                 f"target_{self.target}_ratio={goal} is unreachable with "
                 f"max_layer_ratio={self.max_layer_ratio}: the smallest achievable kept "
-                f"fraction is {f_hi:.4f}"
+                f"fraction is {f_hi:.4f}",
+                smallest=f_hi,
             )
         if f_hi >= goal:
             return hi, f_hi
@@ -374,6 +388,62 @@ class _Pruning:
         if abs(f_lo_true - goal) <= abs(f_hi_true - goal):
             return lo, f_lo_true
         return hi, f_hi_true
+
+
+def _check_target(params_ratio: float | None, macs_ratio: float | None) -> tuple[str, float, str]:
+    """``(target, goal, argument name)`` of exactly one of the two ratios in (0, 1]."""
+    if (params_ratio is None) == (macs_ratio is None):
+        raise ValueError(
+            "give exactly one of target_params_ratio and target_macs_ratio, got "
+            f"target_params_ratio={params_ratio!r}, target_macs_ratio={macs_ratio!r}"
+        )
+    if params_ratio is not None:
+        target, goal, arg = "params", params_ratio, "target_params_ratio"
+    else:
+        target, goal, arg = "macs", macs_ratio, "target_macs_ratio"
+    if not isinstance(goal, (int, float)) or isinstance(goal, bool) or not 0.0 < goal <= 1.0:
+        raise ValueError(f"{arg} must be in (0, 1], got {goal!r}")
+    return target, float(goal), arg
+
+
+def _check_counts(iterative_steps: int, max_layer_ratio: float, bn_batches: int, round_to: int | None) -> None:
+    if not isinstance(iterative_steps, int) or isinstance(iterative_steps, bool) or iterative_steps < 1:
+        raise ValueError(f"iterative_steps must be an int >= 1, got {iterative_steps!r}")
+    if not 0.0 < max_layer_ratio <= 1.0:
+        raise ValueError(f"max_layer_ratio must be in (0, 1], got {max_layer_ratio!r}")
+    if bn_batches < 1:
+        raise ValueError(f"bn_batches must be >= 1, got {bn_batches!r}")
+    if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
+        raise ValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
+
+
+def _importance_factory(
+    importance: str | tp.importance.Importance,
+) -> tuple[str, Callable[[], tp.importance.Importance]]:
+    """``(name, factory)`` of an importance given by registry key or as an object."""
+    if isinstance(importance, str):
+        return importance, IMPORTANCES.get(importance)  # KeyError lists known importances
+    if isinstance(importance, tp.importance.Importance):
+        return type(importance).__name__, lambda: importance
+    raise ValueError(
+        f"importance must be a name ({', '.join(IMPORTANCES.keys())}) or a "
+        f"torch_pruning Importance, got {importance!r}"
+    )
+
+
+def _ignored_names(model: nn.Module, ignored_layers: Sequence[nn.Module] | None) -> list[str]:
+    """Qualified names of the ignored modules plus the classifier (its outputs are the classes)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    ignored = list(ignored_layers or [])
+    classifier = _default_classifier(model)
+    if classifier is not None:
+        ignored.append(classifier)
+    out: list[str] = []
+    for m in ignored:
+        if id(m) not in names:
+            raise ValueError(f"ignored_layers contains a module that is not part of model: {m!r}")
+        out.append(names[id(m)])
+    return out
 
 
 def prune(
@@ -428,55 +498,10 @@ def prune(
         KeyError: for an unknown ``importance`` name (the message lists known ones).
     """
     start = time.perf_counter()
-    if (target_params_ratio is None) == (target_macs_ratio is None):
-        raise ValueError(
-            "give exactly one of target_params_ratio and target_macs_ratio, got "
-            f"target_params_ratio={target_params_ratio!r}, target_macs_ratio={target_macs_ratio!r}"
-        )
-    if target_params_ratio is not None:
-        target, goal, arg = "params", target_params_ratio, "target_params_ratio"
-    else:
-        target, goal, arg = "macs", target_macs_ratio, "target_macs_ratio"
-    if not isinstance(goal, (int, float)) or isinstance(goal, bool) or not 0.0 < goal <= 1.0:
-        raise ValueError(f"{arg} must be in (0, 1], got {goal!r}")
-    goal = float(goal)
-    if (
-        not isinstance(iterative_steps, int)
-        or isinstance(iterative_steps, bool)
-        or iterative_steps < 1
-    ):
-        raise ValueError(f"iterative_steps must be an int >= 1, got {iterative_steps!r}")
-    if not 0.0 < max_layer_ratio <= 1.0:
-        raise ValueError(f"max_layer_ratio must be in (0, 1], got {max_layer_ratio!r}")
-    if bn_batches < 1:
-        raise ValueError(f"bn_batches must be >= 1, got {bn_batches!r}")
-    if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
-        raise ValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
-    if isinstance(importance, str):
-        imp_name = importance
-        imp_factory = IMPORTANCES.get(importance)  # KeyError lists known importances
-    elif isinstance(importance, tp.importance.Importance):
-        imp_name = type(importance).__name__
-
-        def imp_factory() -> tp.importance.Importance:
-            return importance
-
-    else:
-        raise ValueError(
-            f"importance must be a name ({', '.join(IMPORTANCES.keys())}) or a "
-            f"torch_pruning Importance, got {importance!r}"
-        )
-
-    names = {id(m): n for n, m in model.named_modules()}
-    ignored = list(ignored_layers or [])
-    classifier = _default_classifier(model)
-    if classifier is not None:
-        ignored.append(classifier)
-    ignored_names: list[str] = []
-    for m in ignored:
-        if id(m) not in names:
-            raise ValueError(f"ignored_layers contains a module that is not part of model: {m!r}")
-        ignored_names.append(names[id(m)])
+    target, goal, arg = _check_target(target_params_ratio, target_macs_ratio)
+    _check_counts(iterative_steps, max_layer_ratio, bn_batches, round_to)
+    imp_name, imp_factory = _importance_factory(importance)
+    ignored_names = _ignored_names(model, ignored_layers)
 
     was_training = model.training
     work = copy.deepcopy(model).eval()  # eval: tracing forwards must not touch BN stats

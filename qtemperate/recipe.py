@@ -10,6 +10,7 @@ CLI can print one line and exit 2 before any training starts.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,14 +18,24 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    SerializeAsAny,
     Strict,
     ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    create_model,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+# FLOAT_BITS stays importable from here; the bit-width facts live in qtemperate.bits.
+from qtemperate.bits import FLOAT_BITS, QUANT_BITS, check_bits, check_stage_bits, is_quantized
+from qtemperate.temperature import TEMPERATURE_SCHEDULES, TemperatureSchedule, settings_model
 
 __all__ = [
     "DataConfig",
@@ -44,10 +55,6 @@ __all__ = [
     "parse_recipe",
 ]
 
-FLOAT_BITS = 32
-QUANT_BITS = range(2, 9)
-
-
 # Counts and bit widths must be real integers: YAML's `yes` (a bool) or "8" (a string)
 # silently becoming 1 or 8 would hide a typo.
 Int = Annotated[int, Strict()]
@@ -61,60 +68,121 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
 
 
-def _check_bits(value: int) -> int:
-    if value != FLOAT_BITS and value not in QUANT_BITS:
-        raise ValueError(f"bits must be 2..8 or 32 (float), got {value}")
-    return value
+DEFAULT_SCHEDULE = "temperate"
 
 
-class TemperatureConfig(_Strict):
-    """The temperature schedule run inside one stage (see :mod:`qtemperate.temperature`).
+class TemperatureConfig(BaseModel):
+    """The temperature schedule run inside one stage: one block per schedule kind.
 
-    ``schedule`` picks the kind: ``temperate`` (warm-up / adaptive / convergence,
-    the default), ``constant`` (fixed T: the edge-device mode and the fixed-T
-    baseline), ``gradient_norm`` (T driven by the student's gradient norm) or
-    ``lookup_table`` (replay ``table``). ``base_temperature`` left empty means "the
-    joint scheduler decides": the largest of ``distillation.temperatures`` raised by
-    the bit-drop coupling rule.
+    ``schedule`` names a kind registered in
+    :data:`~qtemperate.temperature.TEMPERATURE_SCHEDULES` (default ``temperate``):
+    ``temperate`` (warm-up / adaptive / convergence), ``constant`` (fixed T: the
+    edge-device mode and the fixed-T baseline), ``gradient_norm`` (T driven by the
+    student's gradient norm), ``lookup_table`` (replay ``table``), or one that user
+    code registered. The other keys are that kind's settings and nothing else: a
+    block is an instance of :meth:`of` ``(schedule)``, this class plus the schedule's
+    ``Settings`` model (declared next to the schedule class, or derived from its
+    ``for_stage``), so a key of another kind is an error naming the field path and
+    the schedule. ``base_temperature`` left empty means "the joint scheduler decides":
+    the largest of ``distillation.temperatures`` raised by the bit-drop coupling rule.
+
+    The kind is looked up when the block is validated (:func:`_temperature_block`),
+    so a schedule registered after this module was imported is usable by name.
     """
 
-    schedule: Literal["temperate", "constant", "gradient_norm", "lookup_table"] = "temperate"
-    base_temperature: float | None = Field(default=None, gt=0)
-    alpha: float = Field(default=0.9, gt=0)
-    beta: float = Field(default=0.1, ge=0)
-    warmup: float = Field(default=0.3, ge=0, le=1)
-    adapt_until: float = Field(default=0.8, ge=0, le=1)
-    min_temperature: float = Field(default=1.0, gt=0)
-    max_temperature: float = Field(default=10.0, gt=0)
-    patience: Int = Field(default=5, ge=1)
-    plateau_tol: float = Field(default=1e-3, ge=0)
-    table: list[float] | None = None
+    # No `extra` here: a block takes it from its schedule's Settings (forbid, or allow
+    # for a user's `for_stage(ctx, **settings)`), which this base must not override.
+    model_config = ConfigDict(validate_assignment=True)
 
-    @field_validator("table")
+    schedule: str
+
     @classmethod
-    def _table_positive(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None:
-            if not v:
-                raise ValueError("table must not be empty")
-            if any(t <= 0 for t in v):
-                raise ValueError("table temperatures must be > 0")
-        return v
+    def of(cls, schedule: str) -> type[TemperatureConfig]:
+        """The block model of the registered kind ``schedule``.
 
-    @model_validator(mode="after")
-    def _consistent(self) -> TemperatureConfig:
-        if self.min_temperature > self.max_temperature:
-            raise ValueError("min_temperature must be <= max_temperature")
-        if self.warmup > self.adapt_until:
-            raise ValueError("warmup must be <= adapt_until")
-        if self.schedule == "lookup_table" and self.table is None:
-            raise ValueError("schedule 'lookup_table' needs a table")
-        return self
+        Raises:
+            KeyError: for an unknown kind, listing the known ones.
+            TypeError: for a kind that cannot be built from a recipe.
+        """
+        return _block_model(schedule, TEMPERATURE_SCHEDULES.get(schedule))
+
+    def settings(self) -> dict[str, Any]:
+        """The schedule's settings: every field but ``schedule``, as ``for_stage`` keywords."""
+        return self.model_dump(exclude={"schedule"})
+
+
+@functools.cache
+def _block_model(key: str, schedule: type[TemperatureSchedule]) -> type[TemperatureConfig]:
+    # Keyed by the class too: a key unregistered and registered again gets a new block.
+    settings = settings_model(schedule)
+    block: type[TemperatureConfig] = create_model(  # type: ignore[call-overload]
+        f"{schedule.__name__}Config",
+        # Settings first: its fields and config (extra) win; `schedule` still comes first.
+        __base__=(settings, TemperatureConfig),
+        __module__=__name__,
+        schedule=(Literal[key], key),
+    )
+    block.__doc__ = f"The ``temperature`` block of a ``{key}`` stage: ``schedule`` and its settings."
+    return block
+
+
+def _field_error(field: str, value: Any, message: str) -> ValidationError:
+    """A validation error at ``field`` inside the block (the caller's path is prefixed)."""
+    return ValidationError.from_exception_data(
+        "TemperatureConfig",
+        [{"type": PydanticCustomError("temperature_block", message), "loc": (field,), "input": value}],
+    )
+
+
+def _temperature_block(value: Any, handler: Any) -> TemperatureConfig:
+    """Validate a stage's ``temperature`` block as the block of the kind it names.
+
+    The dispatch is the registry: the kind is looked up in ``TEMPERATURE_SCHEDULES``
+    at validation time and its block model validates the rest (``handler``, the bare
+    base model's validation, is never used).
+    """
+    if isinstance(value, TemperatureConfig):
+        value = value.model_dump()
+    if not isinstance(value, Mapping):
+        raise PydanticCustomError(
+            "temperature_block",
+            f"expected a mapping of schedule settings, got {type(value).__name__}",
+        )
+    key = value.get("schedule", DEFAULT_SCHEDULE)
+    known = ", ".join(TEMPERATURE_SCHEDULES.keys())
+    if not isinstance(key, str) or key not in TEMPERATURE_SCHEDULES:
+        raise _field_error("schedule", key, f"unknown temperature schedule {key!r}; known: {known}")
+    try:
+        block = TemperatureConfig.of(key)
+    except TypeError as exc:  # registered, but not buildable from a recipe
+        raise _field_error("schedule", key, str(exc)) from None
+    if block.model_config.get("extra") == "forbid":
+        names = [f for f in block.model_fields if f != "schedule"]
+        unknown = [k for k in value if k not in block.model_fields]
+        if unknown:
+            why = (
+                f"unknown key (not a setting of schedule {key!r}; "
+                f"its settings: {', '.join(names) or '(none)'})"
+            )
+            raise ValidationError.from_exception_data(
+                "TemperatureConfig",
+                [
+                    {"type": PydanticCustomError("unknown_setting", why), "loc": (k,), "input": value[k]}
+                    for k in unknown
+                ],
+            )
+    return block.model_validate({**value, "schedule": key})
+
+
+def _default_temperature() -> TemperatureConfig:
+    return TemperatureConfig.of(DEFAULT_SCHEDULE)()
 
 
 class StageConfig(_Strict):
     """One bit-width stage: ``epochs`` of training at ``weight_bits``/``act_bits``.
 
-    32/32 is a float stage; quantized stages use 2..8 bits.
+    32/32 is a float stage; quantized stages use 2..8 bits. ``temperature`` is the
+    stage's schedule block (:class:`TemperatureConfig`), ``temperate`` by default.
     """
 
     name: str | None = None
@@ -122,19 +190,23 @@ class StageConfig(_Strict):
     weight_bits: Int = FLOAT_BITS
     act_bits: Int = FLOAT_BITS
     lr: float | None = Field(default=None, gt=0)
-    temperature: TemperatureConfig = Field(default_factory=TemperatureConfig)
+    temperature: Annotated[SerializeAsAny[TemperatureConfig], WrapValidator(_temperature_block)] = (
+        Field(default_factory=_default_temperature)
+    )
 
-    _bits = field_validator("weight_bits", "act_bits")(_check_bits)
+    @field_validator("weight_bits", "act_bits")
+    @classmethod
+    def _bits(cls, value: int, info: ValidationInfo) -> int:
+        return check_bits(str(info.field_name), value)
 
     @model_validator(mode="after")
     def _float_or_quant(self) -> StageConfig:
-        if (self.weight_bits == FLOAT_BITS) != (self.act_bits == FLOAT_BITS):
-            raise ValueError("weight_bits and act_bits must both be 32 (float) or both 2..8")
+        check_stage_bits(self.weight_bits, self.act_bits)
         return self
 
     @property
     def quantized(self) -> bool:
-        return self.weight_bits != FLOAT_BITS
+        return is_quantized(self.weight_bits, self.act_bits)
 
     @property
     def label(self) -> str:
@@ -199,15 +271,28 @@ class StudentConfig(_Strict):
         return self
 
 
-DatasetName = Literal["fashion_mnist", "digits", "cifar10", "cifar100", "imagenet", "synthetic"]
+def _registered_dataset(name: str) -> str:
+    # Imported here: the registry (and torch) load only when a recipe is validated,
+    # after user code had its chance to register a dataset.
+    from qtemperate.data import DATASETS
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS.keys())}")
+    return name
+
+
+DatasetName = Annotated[str, AfterValidator(_registered_dataset)]
+"""A key of :data:`qtemperate.data.DATASETS` (built-in or registered by user code)."""
 
 
 class DataConfig(_Strict):
     """Where the data comes from. No downloads: files must already be on disk.
 
-    ``val_fraction`` holds out a stratified part of the training set whose loss drives
-    the temperature schedule; with 0 the test split's loss does (accuracy is always
-    reported on the test split).
+    ``name`` is a key of :data:`qtemperate.data.DATASETS`, so a dataset registered by
+    user code is usable by name; ``kwargs`` are its builder's options (checked by
+    :func:`qtemperate.preflight.preflight`). ``val_fraction`` holds out a stratified
+    part of the training set whose loss drives the temperature schedule; with 0 the
+    test split's loss does (accuracy is always reported on the test split).
     """
 
     name: DatasetName
@@ -271,10 +356,23 @@ class OptimizerConfig(_Strict):
     grad_clip: float | None = Field(default=5.0, gt=0)
 
 
-class TrackingConfig(_Strict):
-    """Metric loggers: ``jsonl`` (metrics.jsonl), ``console`` and ``wandb``."""
+def _registered_logger(name: str) -> str:
+    from qtemperate.tracking import LOGGERS  # at validation time, like the datasets
 
-    loggers: list[Literal["jsonl", "console", "wandb"]] = Field(
+    if name not in LOGGERS:
+        raise ValueError(f"unknown logger {name!r}; known: {', '.join(LOGGERS.keys())}")
+    return name
+
+
+LoggerName = Annotated[str, AfterValidator(_registered_logger)]
+"""A key of :data:`qtemperate.tracking.LOGGERS` (built-in or registered by user code)."""
+
+
+class TrackingConfig(_Strict):
+    """Metric loggers: keys of :data:`qtemperate.tracking.LOGGERS`: ``jsonl``
+    (metrics.jsonl), ``console``, ``wandb`` or one registered by user code."""
+
+    loggers: list[LoggerName] = Field(
         default_factory=lambda: ["jsonl", "console", "wandb"]
     )
     project: str = "qtemperate"

@@ -57,6 +57,16 @@ class Registry(Generic[T]):
             known = ", ".join(sorted(self._entries)) or "(none)"
             raise KeyError(f"unknown {self.kind} {key!r}; known: {known}") from None
 
+    def unregister(self, key: str) -> T:
+        """Remove ``key`` and return what it held (for tests and plugins that clean up).
+
+        Raises:
+            KeyError: naming the unknown key and listing the known ones.
+        """
+        item = self.get(key)
+        del self._entries[key]
+        return item
+
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 

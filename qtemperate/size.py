@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from qtemperate.bits import FLOAT_BITS
 from qtemperate.quantization import get_bit_widths
 
 __all__ = ["SizeReport", "count_macs", "model_size"]
 
-FLOAT_BITS = 32
 _QUANTIZER_ATTRS = ("weight_quant", "bias_quant", "input_quant", "output_quant", "act_quant")
 
 

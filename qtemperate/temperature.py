@@ -1,10 +1,20 @@
-"""Distillation-temperature schedules.
+"""Distillation-temperature schedules: one interface, built through one registry.
 
-Every schedule takes the epoch (or the measured signal) explicitly in ``step``,
-keeps its temperature within ``[min_temperature, max_temperature]``, keeps only the
-state it needs and round-trips through ``state_dict()`` / ``load_state_dict()``:
-a schedule built with the same arguments and loaded with a saved state produces
-the same temperatures from then on.
+Every schedule answers the same two calls, as timm's schedulers do, and takes the
+clock explicitly:
+
+* ``step(epoch, val_loss=None) -> T`` once per epoch (epoch-driven schedules move here);
+* ``step_update(num_updates, grad_norm=None) -> T`` once per optimizer update
+  (:class:`GradientNormTemperature` moves here; the others return T unchanged).
+
+A schedule whose :attr:`~TemperatureSchedule.uses_grad_norm` is true consumes the
+gradient norm per update; a training loop asks that flag (never the kind's name) to
+decide whether to read the norm at all, which costs a host sync on a GPU.
+
+Every schedule keeps its temperature within ``[min_temperature, max_temperature]``,
+keeps only the state it needs and round-trips through ``state_dict()`` /
+``load_state_dict()``: a schedule built with the same arguments and loaded with a
+saved state produces the same temperatures from then on.
 
 * :class:`ConstantTemperature` — the seed's edge-device mode (a fixed mid T).
 * :class:`TemperateSchedule` — the seed's three phases: warm-up, adaptive, convergence.
@@ -14,29 +24,56 @@ the same temperatures from then on.
 * :func:`suggest_initial_temperature` — the seed's §4.1 rule of thumb for the initial T.
 
 The schedules are registered in :data:`TEMPERATURE_SCHEDULES` under ``"constant"``,
-``"temperate"``, ``"gradient_norm"`` and ``"lookup_table"``.
+``"temperate"``, ``"gradient_norm"`` and ``"lookup_table"``, and the registry is the
+dispatch: the joint scheduler builds a stage's schedule with
+``TEMPERATURE_SCHEDULES.get(kind).for_stage(StageContext(...), **settings)`` and a
+recipe validates a stage's ``temperature`` block against :func:`settings_model` of
+the kind it names. A schedule registered by user code is therefore usable from a
+recipe by name::
+
+    @TEMPERATURE_SCHEDULES.register("halving")
+    class HalvingTemperature(TemperatureSchedule):
+        def __init__(self, start: float, every: int = 2) -> None: ...
+        @classmethod
+        def for_stage(cls, ctx: StageContext, every: int = 2) -> HalvingTemperature:
+            return cls(ctx.start_temperature, every)
+        ...  # step, temperature, state_dict, load_state_dict
+
+    # recipe: temperature: {schedule: halving, every: 3}
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
+import sys
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, create_model, model_validator
 
 from qtemperate._validation import finite_number, positive_number
 from qtemperate.registry import Registry
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "TEMPERATURE_SCHEDULES",
     "ConstantTemperature",
     "GradientNormTemperature",
     "LookupTableTemperature",
+    "ScheduleSettings",
+    "StageContext",
     "TemperateSchedule",
     "TemperatureSchedule",
     "TemperatureSuggestion",
+    "settings_model",
     "suggest_initial_temperature",
     "to_lookup_table",
 ]
@@ -44,6 +81,10 @@ __all__ = [
 TEMPERATURE_SCHEDULES: Registry[type[TemperatureSchedule]] = Registry("temperature schedule")
 
 _PHASES = ("warmup", "adaptive", "convergence")
+
+# Counts must be real integers in a recipe: YAML's `yes` or "5" silently becoming 1 or 5
+# would hide a typo.
+_Int = Annotated[int, Strict()]
 
 
 def _integer(value: Any, name: str) -> int:
@@ -64,21 +105,127 @@ def _require_keys(state: Mapping[str, Any], keys: Sequence[str], cls: str) -> No
         raise ValueError(f"{cls} state_dict is missing key(s) {missing}")
 
 
-class TemperatureSchedule(ABC):
-    """Base class of temperature schedules.
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage tells the schedule it builds (the argument of ``for_stage``).
 
-    Subclasses define ``step(...) -> float`` (which advances the schedule and
-    returns the new temperature), the current :attr:`temperature` and the state
-    round trip. ``min_temperature`` / ``max_temperature`` bound every value.
+    Attributes:
+        epochs: Length of the stage in epochs (≥ 1); ``step`` receives stage-local
+            epochs ``0 .. epochs − 1``.
+        start_temperature: The stage's starting temperature as the joint scheduler
+            decides it (:meth:`~qtemperate.joint_scheduler.JointScheduler.start_temperature`):
+            an explicit ``base_temperature`` setting, else the coupling rule's
+            ``T_ref + step · halvings``, clamped to ``[min_temperature, max_temperature]``.
+        min_temperature: The scheduler-wide lower clamp.
+        max_temperature: The scheduler-wide upper clamp.
+
+    Raises:
+        ValueError: for ``epochs < 1`` or bad temperatures, naming the field.
+    """
+
+    epochs: int
+    start_temperature: float
+    min_temperature: float = 1.0
+    max_temperature: float = 10.0
+
+    def __post_init__(self) -> None:
+        if _integer(self.epochs, "epochs") < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        positive_number(self.start_temperature, "start_temperature")
+        lo = positive_number(self.min_temperature, "min_temperature")
+        if lo > positive_number(self.max_temperature, "max_temperature"):
+            raise ValueError(
+                f"min_temperature ({self.min_temperature}) must be <= "
+                f"max_temperature ({self.max_temperature})"
+            )
+
+    def start(self, base_temperature: float | None = None) -> float:
+        """The temperature a schedule starts at.
+
+        ``clamp(base_temperature, min_temperature, max_temperature)`` when the stage
+        gives one, else :attr:`start_temperature` (already clamped).
+        """
+        if base_temperature is None:
+            return self.start_temperature
+        t = positive_number(base_temperature, "base_temperature")
+        return _clamp(t, self.min_temperature, self.max_temperature)
+
+
+class ScheduleSettings(BaseModel):
+    """Base of a schedule's recipe settings: the keys of a stage's ``temperature`` block.
+
+    Each schedule declares its own subclass as ``Settings`` next to its code, with only
+    the fields its ``for_stage`` takes; a key that is not a field is an error (the recipe
+    names the field path and the schedule). :func:`settings_model` derives one from
+    ``for_stage``'s signature for a schedule that does not declare it.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class TemperatureSchedule(ABC):
+    """The interface of every temperature schedule (timm's scheduler interface).
+
+    Subclasses define :meth:`step` (per epoch), the current :attr:`temperature` and the
+    state round trip; those that move per optimizer update also override
+    :meth:`step_update` and set :attr:`uses_grad_norm`. ``min_temperature`` /
+    ``max_temperature`` bound every value. To be buildable from a stage (the joint
+    scheduler, recipes), register the class in :data:`TEMPERATURE_SCHEDULES` and give it
+    a :meth:`for_stage` constructor; its recipe settings are the nested ``Settings``
+    model when declared, else derived from ``for_stage``'s keyword parameters.
     """
 
     min_temperature: float
     max_temperature: float
 
+    uses_grad_norm: ClassVar[bool] = False
+    """Whether :meth:`step_update` consumes the gradient norm (so the loop must read it)."""
+
+    Settings: ClassVar[type[ScheduleSettings] | None] = None
+    """The recipe block of this schedule (``None``: derived from :meth:`for_stage`)."""
+
+    @classmethod
+    def for_stage(cls, ctx: StageContext, **settings: Any) -> Self:
+        """Build the schedule of one stage from its context and its recipe settings.
+
+        Args:
+            ctx: The stage's length, coupled starting temperature and the
+                scheduler-wide clamps.
+            **settings: The stage's settings (the recipe block without ``schedule``).
+
+        Raises:
+            TypeError: for an unknown setting (or, here in the base class, always:
+                a schedule that is to be built from a stage overrides this).
+            ValueError: for a bad setting value, naming it.
+        """
+        raise TypeError(
+            f"{cls.__name__} does not define for_stage(ctx, **settings), so it cannot be "
+            "built for a stage"
+        )
+
     @property
     @abstractmethod
     def temperature(self) -> float:
         """The current temperature."""
+
+    @abstractmethod
+    def step(self, epoch: int, val_loss: float | None = None) -> float:
+        """Advance to ``epoch`` (0-based, on the schedule's own clock) and return T.
+
+        Args:
+            epoch: The epoch about to be trained.
+            val_loss: The latest validation loss, for schedules that react to it.
+        """
+
+    def step_update(self, num_updates: int, grad_norm: float | None = None) -> float:
+        """Observe one optimizer update and return T (default: T unchanged).
+
+        Args:
+            num_updates: Optimizer updates done so far in the run (global count).
+            grad_norm: The student's gradient norm of this update (a float or 0-dim
+                tensor); only read by schedules with :attr:`uses_grad_norm`.
+        """
+        return self.temperature
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -87,6 +234,76 @@ class TemperatureSchedule(ABC):
     @abstractmethod
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the state saved by :meth:`state_dict`."""
+
+
+def _own_for_stage(cls: type) -> bool:
+    base = TemperatureSchedule.for_stage.__func__  # type: ignore[attr-defined]
+    return getattr(getattr(cls, "for_stage", None), "__func__", base) is not base
+
+
+def _annotation(param: inspect.Parameter, namespace: dict[str, Any]) -> Any:
+    """A parameter's annotation as a type; ``Any`` when missing or unresolvable."""
+    ann = param.annotation
+    if ann is inspect.Parameter.empty:
+        return Any
+    if isinstance(ann, str):  # postponed annotations (`from __future__ import annotations`)
+        try:
+            return eval(ann, namespace)  # the schedule author's own annotation, as typing does
+        except Exception:
+            return Any
+    return ann
+
+
+@functools.cache
+def settings_model(schedule: type[TemperatureSchedule]) -> type[ScheduleSettings]:
+    """The recipe settings of a schedule class: its ``Settings``, or derived from ``for_stage``.
+
+    The derived model has one field per keyword parameter of ``for_stage`` after
+    ``ctx``, with its annotation (``Any`` if missing or unresolvable) and default
+    (required if none); unknown keys are rejected unless ``for_stage`` takes
+    ``**settings``.
+
+    Raises:
+        TypeError: if the class declares no ``Settings`` and no ``for_stage``, or
+            ``for_stage`` has positional-only parameters after ``ctx``.
+    """
+    declared = getattr(schedule, "Settings", None)
+    if declared is not None:
+        return declared
+    name = getattr(schedule, "__name__", repr(schedule))
+    if not _own_for_stage(schedule):
+        raise TypeError(
+            f"{name} declares neither Settings nor for_stage(ctx, **settings); "
+            "it cannot be built from a recipe"
+        )
+    fn = schedule.for_stage
+    namespace = dict(vars(sys.modules.get(fn.__module__, sys)))
+    fields: dict[str, Any] = {}
+    open_ended = False
+    for param in list(inspect.signature(fn).parameters.values())[1:]:  # after ctx
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            open_ended = True
+        elif param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL):
+            raise TypeError(f"{name}.for_stage: settings must be keyword parameters, got {param}")
+        else:
+            default = ... if param.default is inspect.Parameter.empty else param.default
+            fields[param.name] = (_annotation(param, namespace), default)
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        f"{name}Settings",
+        __base__=_OpenDerivedSettings if open_ended else _DerivedSettings,
+        __module__=schedule.__module__,
+        **fields,
+    )
+
+
+class _DerivedSettings(ScheduleSettings):
+    # A user's for_stage may annotate with any type (a tensor, a callable ...).
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+
+class _OpenDerivedSettings(_DerivedSettings):
+    # for_stage(ctx, **settings): the schedule itself decides which keys it takes.
+    model_config = ConfigDict(extra="allow")
 
 
 @TEMPERATURE_SCHEDULES.register("constant")
@@ -100,16 +317,31 @@ class ConstantTemperature(TemperatureSchedule):
         ValueError: if ``temperature`` is not a finite positive number.
     """
 
+    class Settings(ScheduleSettings):
+        """Recipe block of a ``constant`` stage.
+
+        Attributes:
+            base_temperature: The fixed T; empty means the stage's coupled starting
+                temperature (:attr:`StageContext.start_temperature`).
+        """
+
+        base_temperature: float | None = Field(default=None, gt=0)
+
     def __init__(self, temperature: float = 4.0) -> None:
         self._temperature = positive_number(temperature, "temperature")
         self.min_temperature = self.max_temperature = self._temperature
+
+    @classmethod
+    def for_stage(cls, ctx: StageContext, *, base_temperature: float | None = None) -> Self:
+        """``T = clamp(base_temperature, min, max)`` if given, else the coupled start."""
+        return cls(ctx.start(base_temperature))
 
     @property
     def temperature(self) -> float:
         return self._temperature
 
-    def step(self, *args: Any, **kwargs: Any) -> float:
-        """Return the constant temperature; any arguments are ignored."""
+    def step(self, epoch: int | None = None, val_loss: float | None = None) -> float:
+        """Return the constant temperature; ``epoch`` and ``val_loss`` are ignored."""
         return self._temperature
 
     def state_dict(self) -> dict[str, Any]:
@@ -181,7 +413,72 @@ class TemperateSchedule(TemperatureSchedule):
         ValueError: for any bad argument, naming it.
     """
 
+    class Settings(ScheduleSettings):
+        """Recipe block of a ``temperate`` stage (the defaults are the class's).
+
+        Attributes:
+            base_temperature: Warm-up temperature; empty means the stage's coupled
+                starting temperature. Clamped to ``[min_temperature, max_temperature]``.
+            alpha, beta, warmup, adapt_until, patience, plateau_tol: as in the class.
+            min_temperature, max_temperature: This stage's bounds.
+        """
+
+        base_temperature: float | None = Field(default=None, gt=0)
+        alpha: float = Field(default=0.9, gt=0)
+        beta: float = Field(default=0.1, ge=0)
+        warmup: float = Field(default=0.3, ge=0, le=1)
+        adapt_until: float = Field(default=0.8, ge=0, le=1)
+        min_temperature: float = Field(default=1.0, gt=0)
+        max_temperature: float = Field(default=10.0, gt=0)
+        patience: _Int = Field(default=5, ge=1)
+        plateau_tol: float = Field(default=1e-3, ge=0)
+
+        @model_validator(mode="after")
+        def _consistent(self) -> Self:
+            if self.min_temperature > self.max_temperature:
+                raise ValueError("min_temperature must be <= max_temperature")
+            if self.warmup > self.adapt_until:
+                raise ValueError("warmup must be <= adapt_until")
+            return self
+
     _EPS = 1e-12
+
+    @classmethod
+    def for_stage(
+        cls,
+        ctx: StageContext,
+        *,
+        base_temperature: float | None = None,
+        min_temperature: float | None = None,
+        max_temperature: float | None = None,
+        **settings: Any,
+    ) -> Self:
+        """The stage's Temperate schedule over ``ctx.epochs`` epochs.
+
+        ``min_T`` / ``max_T`` are the given bounds, else the scheduler-wide clamps;
+        ``base_temperature = clamp(ctx.start(base_temperature), min_T, max_T)``.
+
+        Args:
+            ctx: The stage context.
+            base_temperature: Warm-up temperature (default: the coupled start).
+            min_temperature: Lower bound (default: ``ctx.min_temperature``).
+            max_temperature: Upper bound (default: ``ctx.max_temperature``).
+            **settings: ``alpha``, ``beta``, ``warmup``, ``adapt_until``, ``patience``,
+                ``plateau_tol`` (see the class).
+        """
+        lo = positive_number(
+            ctx.min_temperature if min_temperature is None else min_temperature, "min_temperature"
+        )
+        hi = positive_number(
+            ctx.max_temperature if max_temperature is None else max_temperature, "max_temperature"
+        )
+        return cls(
+            total_epochs=ctx.epochs,
+            base_temperature=_clamp(ctx.start(base_temperature), lo, hi),
+            min_temperature=lo,
+            max_temperature=hi,
+            **settings,
+        )
 
     def __init__(
         self,
@@ -359,16 +656,32 @@ class TemperateSchedule(TemperatureSchedule):
         self._plateau_count = _integer(state_dict["plateau_count"], "plateau_count")
 
 
+_BASE_OR_MAX = (
+    "give max_temperature or base_temperature, not both (a gradient_norm schedule starts at "
+    "max_temperature)"
+)
+
+
+def _is_grad_norm(value: Any) -> bool:
+    """True for the deprecated ``step(grad_norm)`` call: a float or a tensor, not an epoch."""
+    if value is None or isinstance(value, (bool, numbers.Integral)):
+        return False
+    return hasattr(value, "item") or isinstance(value, numbers.Real)
+
+
 @TEMPERATURE_SCHEDULES.register("gradient_norm")
 class GradientNormTemperature(TemperatureSchedule):
-    """Temperature from the gradient norm relative to its running maximum.
+    """Temperature from the gradient norm relative to its running maximum, per update.
 
     ``T = max_T − (max_T − min_T) · g / g_max`` with ``g_max`` the running maximum of
     all norms seen so far (including ``g``): the largest gradients so far give
     ``min_T`` (sharp targets while the student is far off), vanishing gradients
-    give ``max_T`` (softer targets to keep learning). The first step has
+    give ``max_T`` (softer targets to keep learning). The first update has
     ``g = g_max`` and gives ``min_T``; while ``g_max = 0`` the temperature is
-    ``max_T``. Before the first step :attr:`temperature` is ``max_T``.
+    ``max_T``. Before the first update :attr:`temperature` is ``max_T``.
+
+    T moves in :meth:`step_update` (``uses_grad_norm`` is true); :meth:`step`, once per
+    epoch, returns the current T, so an epoch keeps the last update's temperature.
 
     Args:
         min_temperature: ``min_T > 0``.
@@ -377,6 +690,33 @@ class GradientNormTemperature(TemperatureSchedule):
     Raises:
         ValueError: for bad bounds, or a negative / non-finite gradient norm.
     """
+
+    uses_grad_norm: ClassVar[bool] = True
+
+    class Settings(ScheduleSettings):
+        """Recipe block of a ``gradient_norm`` stage.
+
+        Attributes:
+            min_temperature: ``min_T`` (empty: the scheduler-wide lower clamp).
+            max_temperature: ``max_T``, the temperature for vanishing gradients and
+                before the first update (empty: the stage's coupled starting
+                temperature, or ``base_temperature``).
+            base_temperature: Another name for an explicit ``max_temperature`` (T
+                starts at ``max_T``); give one of the two.
+        """
+
+        min_temperature: float | None = Field(default=None, gt=0)
+        max_temperature: float | None = Field(default=None, gt=0)
+        base_temperature: float | None = Field(default=None, gt=0)
+
+        @model_validator(mode="after")
+        def _consistent(self) -> Self:
+            lo, hi = self.min_temperature, self.max_temperature
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError("min_temperature must be <= max_temperature")
+            if hi is not None and self.base_temperature is not None:
+                raise ValueError(_BASE_OR_MAX)
+            return self
 
     def __init__(self, min_temperature: float = 1.0, max_temperature: float = 6.0) -> None:
         self.min_temperature = positive_number(min_temperature, "min_temperature")
@@ -388,6 +728,29 @@ class GradientNormTemperature(TemperatureSchedule):
         self._grad_norm_max = 0.0
         self._temperature = self.max_temperature
 
+    @classmethod
+    def for_stage(
+        cls,
+        ctx: StageContext,
+        *,
+        min_temperature: float | None = None,
+        max_temperature: float | None = None,
+        base_temperature: float | None = None,
+    ) -> Self:
+        """``min_T`` = the given bound or ``ctx.min_temperature``; ``max_T`` = the given
+        bound, else ``max(ctx.start(base_temperature), min_T)``.
+
+        Raises:
+            ValueError: for both ``max_temperature`` and ``base_temperature``, or bad bounds.
+        """
+        if max_temperature is not None and base_temperature is not None:
+            raise ValueError(_BASE_OR_MAX)
+        lo = positive_number(
+            ctx.min_temperature if min_temperature is None else min_temperature, "min_temperature"
+        )
+        hi = max(ctx.start(base_temperature), lo) if max_temperature is None else max_temperature
+        return cls(min_temperature=lo, max_temperature=hi)
+
     @property
     def temperature(self) -> float:
         return self._temperature
@@ -397,10 +760,56 @@ class GradientNormTemperature(TemperatureSchedule):
         """The running maximum ``g_max`` of the gradient norms."""
         return self._grad_norm_max
 
-    def step(self, grad_norm: float) -> float:
-        """Record ``grad_norm`` (a float or 0-dim tensor, ≥ 0) and return the new T."""
+    def step(self, epoch: Any = None, val_loss: float | None = None, **deprecated: Any) -> float:
+        """Once per epoch: return the current T (it moves in :meth:`step_update`).
+
+        Args:
+            epoch: The epoch (an integer ≥ 0), or None.
+            val_loss: Ignored.
+
+        Deprecated:
+            ``step(grad_norm)`` (a float or 0-dim tensor, or ``grad_norm=``) still
+            records the norm as :meth:`step_update` does and warns; it is removed in
+            0.2.0.
+
+        Raises:
+            ValueError: for an epoch that is not an integer ≥ 0.
+        """
+        if "grad_norm" in deprecated or _is_grad_norm(epoch):
+            grad_norm = deprecated.pop("grad_norm", epoch)
+            if deprecated:
+                raise TypeError(f"step() got unexpected keyword argument(s) {sorted(deprecated)}")
+            warnings.warn(
+                "GradientNormTemperature.step(grad_norm) is deprecated and will be removed in "
+                "0.2.0; call step_update(num_updates, grad_norm) per update (step(epoch, "
+                "val_loss) is now the per-epoch call)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return self._observe(grad_norm)
+        if deprecated:
+            raise TypeError(f"step() got unexpected keyword argument(s) {sorted(deprecated)}")
+        if epoch is not None and _integer(epoch, "epoch") < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        return self._temperature
+
+    def step_update(self, num_updates: int, grad_norm: float | None = None) -> float:
+        """Record the update's ``grad_norm`` (a float or 0-dim tensor, ≥ 0) and return the new T.
+
+        Args:
+            num_updates: Optimizer updates so far (not used by the formula).
+            grad_norm: The gradient norm of this update; required.
+
+        Raises:
+            ValueError: for a missing, negative or non-finite ``grad_norm``.
+        """
+        if grad_norm is None:
+            raise ValueError("grad_norm is required: this schedule moves T per update")
+        return self._observe(grad_norm)
+
+    def _observe(self, grad_norm: Any) -> float:
         if hasattr(grad_norm, "item"):
-            grad_norm = grad_norm.item()  # type: ignore[union-attr]
+            grad_norm = grad_norm.item()
         g = finite_number(grad_norm, "grad_norm")
         if g < 0.0:
             raise ValueError(f"grad_norm must be >= 0, got {grad_norm!r}")
@@ -440,9 +849,23 @@ class LookupTableTemperature(TemperatureSchedule):
         ValueError: for an empty table or a non-positive entry.
     """
 
+    class Settings(ScheduleSettings):
+        """Recipe block of a ``lookup_table`` stage.
+
+        Attributes:
+            table: The per-epoch temperatures (non-empty, each > 0), stage-local.
+        """
+
+        table: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
+
     def __init__(self, table: Sequence[float]) -> None:
         self._table = self._check_table(table)
         self._temperature = self._table[0]
+
+    @classmethod
+    def for_stage(cls, ctx: StageContext, *, table: Sequence[float]) -> Self:
+        """Replay ``table`` on the stage-local clock (the context is not needed)."""
+        return cls(table)
 
     @staticmethod
     def _check_table(table: Sequence[float]) -> tuple[float, ...]:
@@ -500,7 +923,8 @@ def to_lookup_table(
     ``[schedule.step(e, val_losses[e]) for e in range(epochs)]`` (or
     ``schedule.step(e)`` when ``val_losses`` is None). Use it with epoch-driven
     schedules (:class:`TemperateSchedule`, :class:`ConstantTemperature`,
-    :class:`LookupTableTemperature`); replay the result with
+    :class:`LookupTableTemperature`; not one with ``uses_grad_norm``, whose T moves
+    per update); replay the result with
     :class:`LookupTableTemperature`. A :class:`TemperateSchedule` with a
     non-empty adaptive phase needs ``val_losses`` (e.g. a loss curve from a
     previous run).
@@ -520,13 +944,14 @@ def to_lookup_table(
     if val_losses is not None and len(val_losses) < epochs:
         raise ValueError(f"val_losses must have at least {epochs} entries, got {len(val_losses)}")
     schedule = schedule_factory()
-    if isinstance(schedule, GradientNormTemperature) or not hasattr(schedule, "step"):
+    # A schedule that moves per update has no per-epoch temperature to tabulate.
+    if getattr(schedule, "uses_grad_norm", False) or not hasattr(schedule, "step"):
         raise ValueError(
             f"schedule_factory must return an epoch-driven schedule, got {type(schedule).__name__}"
         )
     if val_losses is None:
-        return [float(schedule.step(e)) for e in range(epochs)]  # type: ignore[attr-defined]
-    return [float(schedule.step(e, val_losses[e])) for e in range(epochs)]  # type: ignore[attr-defined]
+        return [float(schedule.step(e)) for e in range(epochs)]
+    return [float(schedule.step(e, val_losses[e])) for e in range(epochs)]
 
 
 @dataclass(frozen=True)

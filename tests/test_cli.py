@@ -10,7 +10,6 @@ import torch
 import yaml
 
 from qtemperate.cli import main
-from qtemperate.compare import pareto_front
 from tests.pipeline_helpers import tiny_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,11 +113,6 @@ def test_plan_json_resnet50_meets_one_eighth(capsys: pytest.CaptureFixture[str])
     assert out["compression_ratio"] == pytest.approx(out["student_bytes"] / out["teacher_float_bytes"])
     assert [(s["weight_bits"], s["act_bits"]) for s in out["stages"]] == [(8, 8), (4, 4)]
     assert out["stages"][0]["bytes"] > out["stages"][1]["bytes"]
-
-
-def test_pareto_front_closed_form() -> None:
-    pts = [(0.10, 0.90), (0.05, 0.85), (0.20, 0.89), (0.05, 0.80), (0.30, 0.95)]
-    assert pareto_front(pts) == [True, True, False, False, True]
 
 
 def test_compare_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from qtemperate import bits
 from qtemperate.joint_scheduler import (
     BitDropCoupling,
     BitStage,
@@ -24,6 +27,17 @@ from qtemperate.joint_scheduler import (
     halvings,
 )
 from qtemperate.losses import TemperateLoss
+from qtemperate.recipe import parse_recipe
+from qtemperate.temperature import (
+    TEMPERATURE_SCHEDULES,
+    ConstantTemperature,
+    GradientNormTemperature,
+    LookupTableTemperature,
+    StageContext,
+    TemperateSchedule,
+    TemperatureSchedule,
+)
+from tests.registry_helpers import registered
 
 TEMPS = (6.0, 3.0, 1.0)
 
@@ -44,6 +58,7 @@ def three_stages(**kw: object) -> JointScheduler:
 )
 def test_halvings_is_log2_32_over_min_bits(w: int, a: int, h: float) -> None:
     assert halvings(w, a) == h
+    assert halvings is bits.halvings  # re-exported: the bit-width facts live in qtemperate.bits
 
 
 # ------------------------------------------------------------------ stage boundaries
@@ -263,32 +278,80 @@ def test_constant_stage_holds_coupled_temperature() -> None:
     assert [st.temperature for st in states[2:]] == [8.0, 8.0, 8.0]
     assert [st.phase for st in states[2:]] == ["constant"] * 3
     assert states[2].temperatures == pytest.approx((8.0, 3.8, 1.0))
-    assert s.observe_grad_norm(3.0) == states[-1]  # no effect on a constant stage
+    assert not s.wants_grad_norm
+    assert s.step_update(10, 3.0) is states[-1]  # no effect on a constant stage
+    assert s.step_update(11) is states[-1]
 
 
-def test_gradient_norm_stage_moves_temperature_per_step() -> None:
+def test_constant_stage_base_temperature() -> None:
+    s = JointScheduler(
+        [BitStage("w8a8", 2, 8, 8, schedule="constant", schedule_kwargs={"base_temperature": 3.5})],
+        temperatures=TEMPS,
+    )
+    assert [s.step(e).temperature for e in range(2)] == [3.5, 3.5]
+
+
+def test_gradient_norm_stage_moves_temperature_per_update() -> None:
     s = JointScheduler([BitStage("w4a4", 2, 4, 4, schedule="gradient_norm")], temperatures=TEMPS)
     # max = coupled T0 = 6 + 3 = 9, min = 1; before any norm T = max.
     st0 = s.step(0)
+    assert s.wants_grad_norm
     assert st0.temperature == 9.0
     assert st0.phase == "gradient_norm"
     # T = 9 − 8·g/g_max with g_max the running max.
     expected = [(2.0, 1.0), (1.0, 5.0), (0.5, 7.0), (4.0, 1.0), (1.0, 7.0), (0.0, 9.0)]
-    for g, t in expected:
-        st = s.observe_grad_norm(g)
+    for n, (g, t) in enumerate(expected, start=1):
+        st = s.step_update(n, g)
         assert st.temperature == pytest.approx(t)
         assert st.epoch == 0 and st.epoch_in_stage == 0
         assert s.state == st
-    st = s.observe_grad_norm(2.0)  # 9 − 8·0.5 = 5 → (5, 1 + 2·0.8, 1)
+    st = s.step_update(7, torch.tensor(2.0))  # 9 − 8·0.5 = 5 → (5, 1 + 2·0.8, 1)
     assert st.temperatures == pytest.approx((5.0, 2.6, 1.0))
-    # The next epoch keeps the last per-step temperature.
+    # The next epoch keeps the last per-update temperature.
     assert s.step(1).temperature == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="grad_norm is required"):
+        s.step_update(8)
 
 
-def test_observe_grad_norm_before_step_raises() -> None:
+@pytest.mark.parametrize(
+    ("settings", "lo", "hi"),
+    [
+        ({"max_temperature": 3.0}, 1.0, 3.0),
+        ({"min_temperature": 2.0, "max_temperature": 3.0}, 2.0, 3.0),
+        ({"min_temperature": 2.0}, 2.0, 9.0),  # max = the coupled start, 6 + 3
+        ({"base_temperature": 4.0}, 1.0, 4.0),
+    ],
+)
+def test_gradient_norm_stage_honours_its_bounds(settings: dict[str, float], lo: float, hi: float) -> None:
+    s = JointScheduler(
+        [BitStage("w4a4", 1, 4, 4, schedule="gradient_norm", schedule_kwargs=settings)],
+        temperatures=TEMPS,
+    )
+    assert s.step(0).temperature == hi
+    norms = [4.0, 2.0, 1.0, 0.0, 1e-12, 3.0]
+    temps = [s.step_update(n, g).temperature for n, g in enumerate(norms, start=1)]
+    # T = hi − (hi − lo)·g/4 (g_max = 4 from the first update on).
+    assert temps == pytest.approx([hi - (hi - lo) * g / 4.0 for g in norms])
+    assert all(lo <= t <= hi for t in temps)
+    assert temps[0] == lo and temps[3] == hi  # the largest norm gives min, a vanishing one max
+
+
+def test_observe_grad_norm_is_a_deprecated_alias() -> None:
     s = JointScheduler([BitStage("w4a4", 2, 4, 4, schedule="gradient_norm")], temperatures=TEMPS)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError), pytest.warns(DeprecationWarning):
         s.observe_grad_norm(1.0)
+    with pytest.raises(RuntimeError, match="before step_update"):
+        s.step_update(1, 1.0)
+    ref = JointScheduler([BitStage("w4a4", 2, 4, 4, schedule="gradient_norm")], temperatures=TEMPS)
+    s.step(0)
+    ref.step(0)
+    for n, g in enumerate([2.0, 1.0], start=1):
+        with pytest.warns(DeprecationWarning, match=r"0\.2\.0.*step_update\(num_updates, grad_norm\)"):
+            assert s.observe_grad_norm(g) == ref.step_update(n, g)
+    c = JointScheduler([BitStage("w8a8", 2, 8, 8, schedule="constant")], temperatures=TEMPS)
+    st = c.step(0)
+    with pytest.warns(DeprecationWarning):
+        assert c.observe_grad_norm(3.0) is st  # no effect on a constant stage, as before
 
 
 def test_lookup_table_stage_replays_table() -> None:
@@ -298,6 +361,65 @@ def test_lookup_table_stage_replays_table() -> None:
         temperatures=TEMPS,
     )
     assert [s.step(e).temperature for e in range(3)] == [5.0, 4.0, 4.0]
+    assert not s.wants_grad_norm
+    assert s.step_update(5, 1.0).temperature == 4.0
+
+
+def test_step_update_keeps_temperate_stage_temperature() -> None:
+    s = three_stages()
+    st = s.step(0, 2.0)
+    assert not s.wants_grad_norm
+    before = s.state_dict()
+    assert s.step_update(1, 7.0) is st and s.step_update(2) is st
+    assert s.state_dict() == before
+
+
+def test_each_stage_schedule_is_built_through_the_registry() -> None:
+    s = JointScheduler(
+        [
+            BitStage("float", 2),
+            BitStage("c", 2, 8, 8, schedule="constant"),
+            BitStage("g", 2, 8, 8, schedule="gradient_norm"),
+            BitStage("l", 2, 4, 4, schedule="lookup_table", schedule_kwargs={"table": [2.0]}),
+        ],
+        temperatures=TEMPS,
+    )
+    kinds = [TemperateSchedule, ConstantTemperature, GradientNormTemperature, LookupTableTemperature]
+    assert [type(s.schedule(i)) for i in range(4)] == kinds
+    assert [TEMPERATURE_SCHEDULES.get(st.schedule) for st in s.stages] == kinds
+    assert s.stage_context(2) == StageContext(
+        epochs=2, start_temperature=8.0, min_temperature=1.0, max_temperature=10.0
+    )
+    wants = []
+    for e in range(s.total_epochs):
+        s.step(e, 1.0)
+        wants.append(s.wants_grad_norm)
+    assert wants == [False] * 4 + [True] * 2 + [False] * 2
+
+
+def test_wants_grad_norm_before_any_step_is_the_first_stage() -> None:
+    first_g = JointScheduler(
+        [BitStage("g", 1, 8, 8, schedule="gradient_norm"), BitStage("t", 1, 4, 4)], temperatures=TEMPS
+    )
+    assert first_g.wants_grad_norm
+    assert not three_stages().wants_grad_norm
+
+
+@pytest.mark.parametrize(
+    ("schedule", "settings", "match"),
+    [
+        ("constant", {"alpha": 0.5}, r"stage 's' \(schedule 'constant'\): alpha: not a setting.*base_temperature"),
+        ("temperate", {"table": [1.0]}, r"table: not a setting of this schedule; its settings: base_temperature"),
+        ("lookup_table", {"table": [1.0], "min_temperature": 2.0}, "min_temperature: not a setting"),
+        ("gradient_norm", {"max_temperature": 3.0, "base_temperature": 2.0}, "not both"),
+        ("temperate", {"alpha": -1.0}, r"stage 's' \(schedule 'temperate'\): alpha must be"),
+        ("lookup_table", {}, r"stage 's' \(schedule 'lookup_table'\): .*table"),
+    ],
+)
+def test_a_setting_is_honoured_or_rejected(schedule: str, settings: dict[str, Any], match: str) -> None:
+    stage = BitStage("s", 2, 8, 8, schedule=schedule, schedule_kwargs=settings)
+    with pytest.raises(ValueError, match=match):
+        JointScheduler([stage], temperatures=TEMPS)
 
 
 # ------------------------------------------------------------------ idempotence / state
@@ -328,9 +450,8 @@ def _drive(s: JointScheduler, epochs: range) -> list[StageState]:
     out = []
     for e in epochs:
         st = s.step(e, 1.0 if e >= 6 else 2.0 - 0.1 * e)
-        if s.stages[st.stage_index].schedule == "gradient_norm":
-            for g in (3.0, 1.0, 2.0):
-                st = s.observe_grad_norm(g + e)
+        for n, g in enumerate((3.0, 1.0, 2.0)):
+            st = s.step_update(3 * e + n, g + e if s.wants_grad_norm else None)
         out.append(st)
     return out
 
@@ -398,6 +519,7 @@ def test_state_dict_before_any_step() -> None:
         lambda: BitStage("s", 1, 8, 1),
         lambda: BitStage("s", 1, 16, 16),
         lambda: BitStage("s", 1, 8, 8, schedule="cosine"),
+        lambda: BitStage("s", 1, 8.0, 8),
         lambda: JointScheduler([BitStage("s", 1)], temperatures=()),
         lambda: JointScheduler([BitStage("s", 1)], temperatures=(4.0, 0.0)),
         lambda: JointScheduler([BitStage("s", 1)], temperatures=(float("nan"),)),
@@ -408,7 +530,7 @@ def test_state_dict_before_any_step() -> None:
     ],
     ids=[
         "empty-stages", "epochs-0", "epochs-neg", "bits-9", "act-bits-1", "bits-16",
-        "unknown-schedule", "no-temps", "temp-0", "temp-nan", "weights-len",
+        "unknown-schedule", "float-bits", "no-temps", "temp-0", "temp-nan", "weights-len",
         "min-gt-max", "min-0", "lut-no-table",
     ],
 )
@@ -424,6 +546,12 @@ def test_epoch_out_of_range_or_not_int_raises(epoch: object) -> None:
         s.step(epoch)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="epoch"):
         s.stage_index(epoch)  # type: ignore[arg-type]
+
+
+def test_unknown_schedule_lists_the_registered_kinds() -> None:
+    with pytest.raises(ValueError, match=r"stage 's': unknown temperature schedule 'cosine'; "
+                       r"known: constant, gradient_norm, lookup_table, temperate"):
+        BitStage("s", 1, schedule="cosine")
 
 
 def test_float_stage_after_bit_width_is_not_quantized() -> None:
@@ -492,11 +620,167 @@ def test_gradient_norm_stage_feeds_temperate_loss() -> None:
     s = JointScheduler([BitStage("w4a4", 2, 4, 4, schedule="gradient_norm")], temperatures=TEMPS)
     loss_fn = TemperateLoss(kd_weight=0.9, temperatures=TEMPS)
     s.step(0)
-    st = s.observe_grad_norm(2.0)  # first norm: g = g_max → T = min = 1 → (1, 1, 1)
+    st = s.step_update(1, 2.0)  # first norm: g = g_max → T = min = 1 → (1, 1, 1)
     assert st.temperatures == (1.0, 1.0, 1.0)
     loss_fn.set_temperatures(st.temperatures, st.weights)
     assert loss_fn.temperatures == (1.0,)
     assert loss_fn.weights == pytest.approx((1.0,))
-    st = s.observe_grad_norm(1.0)  # 9 − 8·0.5 = 5 → (5, 2.6, 1)
+    st = s.step_update(2, 1.0)  # 9 − 8·0.5 = 5 → (5, 2.6, 1)
     loss_fn.set_temperatures(st.temperatures, st.weights)
     assert loss_fn.temperatures == pytest.approx((5.0, 2.6, 1.0))
+
+
+# ------------------------------------------------------------------ from a recipe
+def _recipe(stages: list[dict[str, Any]], **distillation: Any) -> Any:
+    return parse_recipe(
+        {
+            "name": "r",
+            "data": {"name": "digits"},
+            "teacher": {"model": "small_cnn", "train": {"epochs": 1}},
+            "stages": stages,
+            "distillation": {"temperatures": [6.0, 3.0, 1.0], **distillation},
+        }
+    )
+
+
+def test_from_recipe_builds_stages_temperatures_and_coupling() -> None:
+    r = _recipe(
+        [
+            {"epochs": 2},
+            {"name": "int8", "epochs": 3, "weight_bits": 8, "act_bits": 8, "lr": 0.01,
+             "temperature": {"schedule": "constant", "base_temperature": 3.5}},
+            {"epochs": 4, "weight_bits": 4, "act_bits": 4,
+             "temperature": {"warmup": 0.0, "adapt_until": 0.5, "patience": 2}},
+        ],
+        weights=[0.2, 0.5, 0.3],
+        temperature_step_per_halving=0.5,
+        weight_shift=0.5,
+    )
+    s = JointScheduler.from_recipe(r)
+    assert [st.name for st in s.stages] == ["float", "int8", "w4a4"]
+    assert [(st.epochs, st.weight_bits, st.act_bits, st.lr) for st in s.stages] == [
+        (2, 32, 32, None), (3, 8, 8, 0.01), (4, 4, 4, None)
+    ]
+    assert [st.schedule for st in s.stages] == ["temperate", "constant", "temperate"]
+    assert s.base_temperatures == TEMPS and s.base_weights == pytest.approx((0.2, 0.5, 0.3))
+    assert s.coupling == BitDropCoupling(step=0.5, shift=0.5)
+    assert [s.start_temperature(i) for i in range(3)] == [6.0, 3.5, 7.5]  # 6 + 0.5·3
+    w = s.stage_weights(2)
+    raw = [0.2 * 6 ** -1.5, 0.5 * 3 ** -1.5, 0.3]  # w_i · T_i^(−0.5·3)
+    assert w == pytest.approx([x / sum(raw) for x in raw])
+    last = s.schedule(2)
+    assert isinstance(last, TemperateSchedule)
+    assert (last.warmup, last.adapt_until, last.patience, last.base_temperature) == (0.0, 0.5, 2, 7.5)
+    assert [s.step(e, 1.0).temperature for e in range(2, 5)] == [3.5] * 3
+
+
+def test_from_recipe_without_coupling() -> None:
+    s = JointScheduler.from_recipe(_recipe([{"epochs": 1, "weight_bits": 4, "act_bits": 4}], coupling="none"))
+    assert isinstance(s.coupling, NoCoupling)
+    assert s.start_temperature(0) == 6.0 and s.stage_weights(0) == pytest.approx((1 / 3,) * 3)
+
+
+def test_from_recipe_gradient_norm_honours_max_temperature() -> None:
+    # Before: a recipe's max_temperature was ignored here (set 3, got the coupled 9).
+    r = _recipe([{"epochs": 2, "weight_bits": 4, "act_bits": 4,
+                  "temperature": {"schedule": "gradient_norm", "max_temperature": 3}}])
+    s = JointScheduler.from_recipe(r)
+    assert s.step(0).temperature == 3.0 and s.wants_grad_norm
+    temps = [s.step_update(n, g).temperature for n, g in enumerate([5.0, 2.5, 0.0, 1e-9], start=1)]
+    assert temps == pytest.approx([1.0, 2.0, 3.0, 3.0])
+    assert all(1.0 <= t <= 3.0 for t in temps)
+    default = JointScheduler.from_recipe(
+        _recipe([{"epochs": 1, "weight_bits": 4, "act_bits": 4, "temperature": {"schedule": "gradient_norm"}}])
+    )
+    assert default.step(0).temperature == 9.0  # unset: max = the coupled start, as before
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {},
+        {"schedule": "temperate", "base_temperature": 5.0, "alpha": 0.8, "beta": 0.2, "warmup": 0.2,
+         "adapt_until": 0.6, "min_temperature": 1.5, "max_temperature": 8.0, "patience": 2, "plateau_tol": 0.01},
+        {"schedule": "constant"},
+        {"schedule": "constant", "base_temperature": 2.5},
+        {"schedule": "gradient_norm", "min_temperature": 2.0, "max_temperature": 4.0},
+        {"schedule": "lookup_table", "table": [5.0, 3.0, 2.0]},
+    ],
+    ids=["default", "temperate", "constant", "constant-base", "gradient_norm", "lookup_table"],
+)
+def test_from_recipe_matches_the_hand_built_scheduler(block: dict[str, Any]) -> None:
+    r = _recipe([{"epochs": 5, "weight_bits": 8, "act_bits": 8, "temperature": block}])
+    settings = {k: v for k, v in block.items() if k != "schedule"}
+    by_hand = JointScheduler(
+        [BitStage("w8a8", 5, 8, 8, schedule=block.get("schedule", "temperate"), schedule_kwargs=settings)],
+        temperatures=TEMPS,
+    )
+    s = JointScheduler.from_recipe(r)
+    for e in range(5):
+        assert s.step(e, 2.0 - 0.2 * e) == by_hand.step(e, 2.0 - 0.2 * e)
+        assert s.step_update(e + 1, 1.0 + e if s.wants_grad_norm else None) == by_hand.step_update(
+            e + 1, 1.0 + e if by_hand.wants_grad_norm else None
+        )
+    assert s.state_dict() == by_hand.state_dict()
+
+
+# ------------------------------------------------------------------ a user's schedule
+class _Steps(TemperatureSchedule):
+    """T = start − drop · epoch, floored at the scheduler's min."""
+
+    def __init__(self, start: float, drop: float, floor: float) -> None:
+        self.start, self.drop = start, drop
+        self.min_temperature, self.max_temperature = floor, start
+        self._t = start
+
+    @classmethod
+    def for_stage(cls, ctx: StageContext, drop: float = 1.0) -> _Steps:
+        return cls(ctx.start_temperature, drop, ctx.min_temperature)
+
+    @property
+    def temperature(self) -> float:
+        return self._t
+
+    def step(self, epoch: int, val_loss: float | None = None) -> float:
+        self._t = max(self.min_temperature, self.start - self.drop * epoch)
+        return self._t
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"temperature": self._t}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._t = float(state_dict["temperature"])
+
+
+@pytest.fixture
+def steps_kind() -> Iterator[str]:
+    with registered(TEMPERATURE_SCHEDULES, "test_steps", _Steps) as key:
+        yield key
+
+
+def test_a_registered_schedule_runs_a_stage(steps_kind: str) -> None:
+    s = JointScheduler(
+        [BitStage("float", 1), BitStage("w8a8", 4, 8, 8, schedule=steps_kind, schedule_kwargs={"drop": 2.5})],
+        temperatures=TEMPS,
+    )
+    assert isinstance(s.schedule(1), _Steps)
+    assert [s.step(e).temperature for e in range(5)] == [6.0, 8.0, 5.5, 3.0, 1.0]  # T0 = 6 + 2
+    assert s.state.phase == steps_kind and not s.wants_grad_norm
+    b = JointScheduler(
+        [BitStage("float", 1), BitStage("w8a8", 4, 8, 8, schedule=steps_kind, schedule_kwargs={"drop": 2.5})],
+        temperatures=TEMPS,
+    )
+    b.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert b.state == s.state and b.schedule(1).temperature == 1.0
+    with pytest.raises(ValueError, match=r"speed: not a setting of this schedule; its settings: drop"):
+        JointScheduler([BitStage("s", 1, schedule=steps_kind, schedule_kwargs={"speed": 1})])
+
+
+def test_an_unregistered_schedule_is_unknown(steps_kind: str) -> None:
+    BitStage("s", 1, schedule=steps_kind)
+    TEMPERATURE_SCHEDULES.unregister(steps_kind)
+    try:
+        with pytest.raises(ValueError, match="unknown temperature schedule 'test_steps'"):
+            BitStage("s", 1, schedule=steps_kind)
+    finally:
+        TEMPERATURE_SCHEDULES.register(steps_kind, _Steps)

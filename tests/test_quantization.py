@@ -352,3 +352,37 @@ def test_biases_are_rounded_to_the_int32_grid_of_the_export(digits, trained_floa
         q2 = quantize(trained_float)
         q2.load_state_dict(q.state_dict())
         assert torch.equal(q2.eval()(xtr[:32]), ref)
+
+
+# --------------------------------------------------------------------------- residual adds from the graph
+class _Plus(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class ResidualAdd(nn.Module):  # the right name, the wrong graph: not an add
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+
+class _TwoBranch(nn.Module):
+    def __init__(self, join: nn.Module) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(1, 4, 1)
+        self.join = join
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.join(self.a(x), self.b(x)), 1))
+
+
+def test_residual_add_is_found_from_the_graph_not_the_class_name() -> None:
+    from qtemperate.quantization import QuantResidualAdd
+
+    q = quantize(_TwoBranch(_Plus()))
+    assert isinstance(q.join, QuantResidualAdd)
+    q2 = quantize(_TwoBranch(ResidualAdd()))
+    assert not isinstance(q2.join, QuantResidualAdd)
+    x = torch.randn(2, 1, 8, 8)
+    assert q2(x).shape == (2, 3)

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import model_validator
 
+from qtemperate import bits
+from qtemperate.joint_scheduler import JointScheduler
 from qtemperate.recipe import (
+    FLOAT_BITS,
     Recipe,
     RecipeError,
+    StageConfig,
+    TemperatureConfig,
     apply_overrides,
     load_recipe,
     parse_recipe,
+)
+from qtemperate.temperature import (
+    TEMPERATURE_SCHEDULES,
+    ScheduleSettings,
+    StageContext,
+    TemperateSchedule,
+    TemperatureSchedule,
 )
 
 RECIPES_DIR = Path(__file__).parent.parent / "recipes"
@@ -60,7 +73,12 @@ def test_minimal_recipe_validates_with_documented_defaults() -> None:
     t = st.temperature
     assert (t.schedule, t.base_temperature, t.alpha, t.beta) == ("temperate", None, 0.9, 0.1)
     assert (t.warmup, t.adapt_until, t.min_temperature, t.max_temperature) == (0.3, 0.8, 1.0, 10.0)
-    assert (t.patience, t.plateau_tol, t.table) == (5, 1e-3, None)
+    assert (t.patience, t.plateau_tol) == (5, 1e-3)
+    assert isinstance(t, TemperatureConfig) and isinstance(t, TemperateSchedule.Settings)
+    assert t.settings() == {
+        "base_temperature": None, "alpha": 0.9, "beta": 0.1, "warmup": 0.3, "adapt_until": 0.8,
+        "min_temperature": 1.0, "max_temperature": 10.0, "patience": 5, "plateau_tol": 1e-3,
+    }  # a temperate block holds the temperate settings only (no `table`)
     d = r.distillation
     assert d.kd_weight == 0.9 and d.temperatures == [4.0] and d.weights is None
     assert d.coupling == "bit_drop"
@@ -170,8 +188,34 @@ BAD = [
     ("name-leading-dash", _set("name", "-run"), "name", "pattern"),
     ("name-empty", _set("name", ""), "name", "pattern"),
     ("empty-stages", _set("stages", []), "stages", "at least 1"),
-    ("unknown-schedule", _set("stages.0.temperature", {"schedule": "cosine"}), "stages.0.temperature.schedule", "temperate"),
-    ("lut-without-table", _set("stages.0.temperature", {"schedule": "lookup_table"}), "stages.0.temperature", "needs a table"),
+    ("unknown-schedule", _set("stages.0.temperature", {"schedule": "cosine"}), "stages.0.temperature.schedule",
+     "unknown temperature schedule 'cosine'; known: constant, gradient_norm, lookup_table, temperate"),
+    ("lut-without-table", _set("stages.0.temperature", {"schedule": "lookup_table"}), "stages.0.temperature.table",
+     "required field is missing"),
+    ("lut-empty-table", _set("stages.0.temperature", {"schedule": "lookup_table", "table": []}),
+     "stages.0.temperature.table", "at least 1 item"),
+    ("lut-zero-entry", _set("stages.0.temperature", {"schedule": "lookup_table", "table": [2, 0]}),
+     "stages.0.temperature.table.1", "greater than 0"),
+    ("alpha-on-constant", _set("stages.0.temperature", {"schedule": "constant", "alpha": 0.5}),
+     "stages.0.temperature.alpha",
+     "unknown key (not a setting of schedule 'constant'; its settings: base_temperature)"),
+    ("table-on-temperate", _set("stages.0.temperature", {"table": [2.0]}), "stages.0.temperature.table",
+     "not a setting of schedule 'temperate'; its settings: base_temperature, alpha, beta, warmup"),
+    ("warmup-on-gradient-norm", _set("stages.0.temperature", {"schedule": "gradient_norm", "warmup": 0.1}),
+     "stages.0.temperature.warmup",
+     "not a setting of schedule 'gradient_norm'; its settings: min_temperature, max_temperature, base_temperature"),
+    ("min-on-lookup-table", _set("stages.0.temperature", {"schedule": "lookup_table", "table": [2], "min_temperature": 1}),
+     "stages.0.temperature.min_temperature", "not a setting of schedule 'lookup_table'; its settings: table"),
+    ("gradient-norm-min-above-max", _set("stages.0.temperature", {"schedule": "gradient_norm", "min_temperature": 4,
+     "max_temperature": 3}), "stages.0.temperature", "min_temperature must be <= max_temperature"),
+    ("gradient-norm-base-and-max", _set("stages.0.temperature", {"schedule": "gradient_norm", "base_temperature": 3,
+     "max_temperature": 3}), "stages.0.temperature", "give max_temperature or base_temperature, not both"),
+    ("schedule-not-a-string", _set("stages.0.temperature", {"schedule": ["constant"]}), "stages.0.temperature.schedule",
+     "unknown temperature schedule"),
+    ("temperature-not-a-mapping", _set("stages.0.temperature", 4), "stages.0.temperature",
+     "expected a mapping of schedule settings, got int"),
+    ("patience-bool", _set("stages.0.temperature.patience", True), "stages.0.temperature.patience", "integer"),
+    ("alpha-nan", _set("stages.0.temperature.alpha", float("nan")), "stages.0.temperature.alpha", "finite"),
     ("min-above-max-T", _set("stages.0.temperature", {"min_temperature": 5, "max_temperature": 2}),
      "stages.0.temperature", "min_temperature must be <= max_temperature"),
     ("warmup-after-adapt", _set("stages.0.temperature", {"warmup": 0.9, "adapt_until": 0.5}),
@@ -192,9 +236,10 @@ def test_bad_recipe_names_the_field(
     with pytest.raises(RecipeError) as info:
         parse_recipe(d, source="r.yaml")
     msg = str(info.value)
-    # "<source>: <field path>: <problem>"
+    # "<source>: <field path>: <problem>", on one line
     assert msg.startswith(f"r.yaml: {field}: "), msg
     assert text in msg, msg
+    assert "\n" not in msg, msg
 
 
 def test_recipe_error_is_a_value_error() -> None:
@@ -418,3 +463,213 @@ def test_shipped_recipe_validates(path: Path) -> None:
     assert isinstance(r, Recipe)
     assert r.final_stage.quantized
     assert r.total_epochs >= 1
+
+
+# ------------------------------------------------------------------ registered names
+def test_names_come_from_the_registries() -> None:
+    from qtemperate.data import DATASETS, DatasetSpec
+    from qtemperate.tracking import LOGGERS
+
+    d = minimal()
+    d["data"]["name"] = "test_user_data"
+    d["tracking"] = {"loggers": ["jsonl", "test_user_logger"]}
+    with pytest.raises(RecipeError, match=r"data\.name: unknown dataset 'test_user_data'; known: cifar10"):
+        parse_recipe(d)
+    DATASETS.register("test_user_data", DatasetSpec(build=lambda root, seed: None))
+    LOGGERS.register("test_user_logger", lambda run_dir, **_: None)
+    try:
+        r = parse_recipe(d)
+        assert r.data.name == "test_user_data" and r.tracking.loggers == ["jsonl", "test_user_logger"]
+    finally:
+        DATASETS.unregister("test_user_data")
+        LOGGERS.unregister("test_user_logger")
+    d["data"]["name"] = "digits"
+    with pytest.raises(RecipeError, match=r"tracking\.loggers\.1: unknown logger 'test_user_logger'; known: console, jsonl, wandb"):
+        parse_recipe(d)
+
+
+# ------------------------------------------------------------------ temperature blocks
+KIND_BLOCKS = {
+    "temperate": {"schedule": "temperate", "base_temperature": 5.0, "alpha": 0.8, "patience": 2},
+    "constant": {"schedule": "constant", "base_temperature": 3.5},
+    "gradient_norm": {"schedule": "gradient_norm", "min_temperature": 1.5, "max_temperature": 3.0},
+    "lookup_table": {"schedule": "lookup_table", "table": [4.0, 2.0]},
+}
+
+
+def test_every_registered_kind_has_a_block() -> None:
+    assert sorted(KIND_BLOCKS) == TEMPERATURE_SCHEDULES.keys()
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_BLOCKS))
+def test_each_kind_block_validates_and_round_trips(kind: str) -> None:
+    d = minimal()
+    d["stages"][0]["temperature"] = KIND_BLOCKS[kind]
+    r = parse_recipe(d)
+    t = r.stages[0].temperature
+    assert type(t) is TemperatureConfig.of(kind)
+    assert isinstance(t, TemperatureConfig) and isinstance(t, TEMPERATURE_SCHEDULES.get(kind).Settings)
+    assert t.schedule == kind
+    for key, value in KIND_BLOCKS[kind].items():
+        assert getattr(t, key) == value
+    assert set(t.settings()) == set(TemperatureConfig.of(kind).model_fields) - {"schedule"}
+    again = parse_recipe(yaml.safe_load(r.to_yaml()))
+    assert again == r and again.model_dump() == r.model_dump()
+    assert parse_recipe(r.model_dump(mode="json")) == r
+    assert next(iter(r.model_dump()["stages"][0]["temperature"])) == "schedule"  # first in the YAML
+
+
+def test_default_block_is_temperate_and_blocks_are_shared_types() -> None:
+    st = StageConfig(epochs=1, weight_bits=8, act_bits=8)
+    assert type(st.temperature) is TemperatureConfig.of("temperate")
+    assert TemperatureConfig.of("temperate") is TemperatureConfig.of("temperate")
+    assert st.temperature.model_dump()["schedule"] == "temperate"
+    with pytest.raises(KeyError, match="known: constant, gradient_norm, lookup_table, temperate"):
+        TemperatureConfig.of("cosine")
+
+
+def test_assigning_a_block_dispatches_on_its_schedule() -> None:
+    st = StageConfig(epochs=1, weight_bits=8, act_bits=8)
+    st.temperature = {"schedule": "constant", "base_temperature": 2.0}  # type: ignore[assignment]
+    assert type(st.temperature) is TemperatureConfig.of("constant")
+    st.temperature = TemperatureConfig.of("lookup_table")(table=[3.0])
+    assert st.temperature.settings() == {"table": [3.0]}
+    with pytest.raises(ValueError, match=r"temperature\.alpha"):
+        st.temperature = {"schedule": "constant", "alpha": 1.0}  # type: ignore[assignment]
+
+
+def test_switching_the_schedule_by_override_names_the_leftover_setting() -> None:
+    d = minimal()
+    d["stages"][0]["temperature"] = {"warmup": 0.2, "adapt_until": 0.7}
+    with pytest.raises(RecipeError, match=r"stages\.0\.temperature\.warmup: unknown key \(not a setting of "
+                       r"schedule 'constant'; its settings: base_temperature\)"):
+        parse_recipe(d, overrides=["stages.0.temperature.schedule=constant"])
+    r = parse_recipe(d, overrides=["stages.0.temperature={schedule: constant}"])
+    assert r.stages[0].temperature.schedule == "constant"
+
+
+def test_bits_facts_come_from_the_bits_module() -> None:
+    assert FLOAT_BITS is bits.FLOAT_BITS
+    st = StageConfig(epochs=1, weight_bits=4, act_bits=4)
+    assert st.quantized is bits.is_quantized(4, 4) and st.label == "w4a4"
+    assert StageConfig(epochs=1).quantized is False and StageConfig(epochs=1).label == "float"
+
+
+class _Warm(TemperatureSchedule):
+    """A user schedule: T = start · factor ** epoch, never below the scheduler's min."""
+
+    def __init__(self, start: float, factor: float, floor: float) -> None:
+        self.start, self.factor = start, factor
+        self.min_temperature, self.max_temperature = floor, start
+        self._t = start
+
+    @classmethod
+    def for_stage(cls, ctx: StageContext, foo: int = 1, factor: float = 0.5) -> _Warm:
+        return cls(ctx.start_temperature * foo, factor, ctx.min_temperature)
+
+    @property
+    def temperature(self) -> float:
+        return self._t
+
+    def step(self, epoch: int, val_loss: float | None = None) -> float:
+        self._t = max(self.min_temperature, self.start * self.factor**epoch)
+        return self._t
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"temperature": self._t}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._t = float(state_dict["temperature"])
+
+
+class _Declared(_Warm):
+    """A user schedule that declares its recipe block (with its own constraints)."""
+
+    class Settings(ScheduleSettings):
+        foo: int = 1
+        factor: float = 0.5
+
+        @model_validator(mode="after")
+        def _factor(self) -> _Declared.Settings:
+            if not 0 < self.factor <= 1:
+                raise ValueError("factor must be in (0, 1]")
+            return self
+
+
+def _unregister(key: str) -> None:
+    TEMPERATURE_SCHEDULES.unregister(key)
+
+
+@pytest.fixture
+def user_kinds() -> Iterator[None]:
+    TEMPERATURE_SCHEDULES.register("test_mine", _Warm)
+    TEMPERATURE_SCHEDULES.register("test_declared", _Declared)
+    try:
+        yield
+    finally:
+        _unregister("test_mine")
+        _unregister("test_declared")
+
+
+def test_a_registered_schedule_is_usable_from_a_recipe(user_kinds: None) -> None:
+    d = minimal()
+    d["stages"] = [{"epochs": 1}, {**q(4, 8), "temperature": {"schedule": "test_mine", "foo": 2}}]
+    r = parse_recipe(d, source="r.yaml")
+    t = r.stages[1].temperature
+    assert t.schedule == "test_mine" and t.settings() == {"foo": 2, "factor": 0.5}
+    assert parse_recipe(yaml.safe_load(r.to_yaml())) == r
+    s = JointScheduler.from_recipe(r)
+    assert isinstance(s.schedule(1), _Warm)
+    # T0 = 4 + 2 halvings = 6, foo = 2 → 12 (clamped to 10 in the multi-scale set), halving.
+    temps = [s.step(e).temperature for e in range(5)]
+    assert temps == [4.0, 12.0, 6.0, 3.0, 1.5]
+    assert s.step(1).temperatures == (10.0,) and s.state.phase == "test_mine"
+
+
+@pytest.mark.parametrize(
+    ("block", "field", "text"),
+    [
+        ({"schedule": "test_mine", "fo": 2}, "stages.0.temperature.fo",
+         "unknown key (not a setting of schedule 'test_mine'; its settings: foo, factor)"),
+        ({"schedule": "test_mine", "foo": "two"}, "stages.0.temperature.foo", "integer"),
+        ({"schedule": "test_declared", "factor": 2.0}, "stages.0.temperature", "factor must be in (0, 1]"),
+        ({"schedule": "test_declared", "alpha": 2.0}, "stages.0.temperature.alpha",
+         "not a setting of schedule 'test_declared'; its settings: foo, factor"),
+    ],
+)
+def test_a_registered_schedule_block_names_the_field(
+    user_kinds: None, block: dict[str, Any], field: str, text: str
+) -> None:
+    d = minimal()
+    d["stages"][0]["temperature"] = block
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(d, source="r.yaml")
+    msg = str(info.value)
+    assert msg.startswith(f"r.yaml: {field}: ") and text in msg and "\n" not in msg, msg
+
+
+def test_a_declared_block_is_used_as_declared(user_kinds: None) -> None:
+    d = minimal()
+    d["stages"][0]["temperature"] = {"schedule": "test_declared", "factor": 0.25}
+    t = parse_recipe(d).stages[0].temperature
+    assert isinstance(t, _Declared.Settings) and t.settings() == {"foo": 1, "factor": 0.25}
+
+
+def test_an_unregistered_or_unbuildable_schedule_is_an_error() -> None:
+    d = minimal()
+    d["stages"][0]["temperature"] = {"schedule": "test_mine", "foo": 2}
+    with pytest.raises(RecipeError, match=r"stages\.0\.temperature\.schedule: unknown temperature schedule "
+                       r"'test_mine'; known: constant, gradient_norm, lookup_table, temperate$"):
+        parse_recipe(d)
+
+    class NoForStage(_Warm):
+        for_stage = TemperatureSchedule.__dict__["for_stage"]
+
+    TEMPERATURE_SCHEDULES.register("test_bare", NoForStage)
+    try:
+        d["stages"][0]["temperature"] = {"schedule": "test_bare"}
+        with pytest.raises(RecipeError, match=r"stages\.0\.temperature\.schedule: NoForStage declares "
+                           r"neither Settings nor for_stage"):
+            parse_recipe(d)
+    finally:
+        _unregister("test_bare")

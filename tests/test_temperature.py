@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import pydantic
 import pytest
 import torch
 
@@ -17,12 +19,16 @@ from qtemperate.temperature import (
     ConstantTemperature,
     GradientNormTemperature,
     LookupTableTemperature,
+    ScheduleSettings,
+    StageContext,
     TemperateSchedule,
     TemperatureSchedule,
     TemperatureSuggestion,
+    settings_model,
     suggest_initial_temperature,
     to_lookup_table,
 )
+from tests.registry_helpers import registered
 
 # Defaults total=10: W = ceil(0.3·10) = 3, A = ceil(0.8·10) = 8, alpha 0.9, beta 0.1.
 LOSSES_10 = [2.0, 1.8, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1, 1.0, 0.9]
@@ -68,6 +74,7 @@ def test_constant_temperature() -> None:
     sched = ConstantTemperature(3.5)
     assert sched.temperature == 3.5
     assert sched.step() == 3.5 and sched.step(7, val_loss=1.0) == 3.5
+    assert sched.step_update(12, grad_norm=2.0) == 3.5 and sched.step_update(13) == 3.5
     other = ConstantTemperature(1.0)
     other.load_state_dict(json.loads(json.dumps(sched.state_dict())))
     assert other.step(0) == 3.5 and other.min_temperature == other.max_temperature == 3.5
@@ -271,34 +278,61 @@ def test_temperate_bad_step(prefix: list[float], epoch: Any, val_loss: Any, matc
 
 
 # ---------------------------------------------------------------- GradientNormTemperature
+def updates(sched: TemperatureSchedule, norms: list[Any]) -> list[float]:
+    return [sched.step_update(n, g) for n, g in enumerate(norms, start=1)]
+
+
 def test_gradient_norm_temperature_hand_computed() -> None:
     sched = GradientNormTemperature(1.0, 6.0)
-    assert sched.temperature == 6.0
+    assert sched.uses_grad_norm and sched.temperature == 6.0
     # g_max: 2, 2, 4, 4, 4, 4 → T = 6 − 5·g/g_max
-    temps = [sched.step(g) for g in [2.0, 1.0, 4.0, 0.0, 4.0, 3.0]]
+    temps = updates(sched, [2.0, 1.0, 4.0, 0.0, 4.0, 3.0])
     assert temps == pytest.approx([1.0, 3.5, 1.0, 6.0, 1.0, 2.25], rel=1e-12)
     assert sched.grad_norm_max == 4.0
-    assert sched.step(torch.tensor(2.0)) == pytest.approx(3.5)
+    assert sched.step_update(7, torch.tensor(2.0)) == pytest.approx(3.5)
     zero = GradientNormTemperature(2.0, 5.0)
-    assert [zero.step(0.0), zero.step(0.0), zero.step(1.0), zero.step(0.25)] == [
-        5.0,
-        5.0,
-        2.0,
-        4.25,
-    ]
+    assert updates(zero, [0.0, 0.0, 1.0, 0.25]) == [5.0, 5.0, 2.0, 4.25]
+
+
+def test_gradient_norm_step_is_per_epoch_and_keeps_t() -> None:
+    sched = GradientNormTemperature(1.0, 6.0)
+    assert sched.step(0) == 6.0 and sched.step(0, val_loss=2.0) == 6.0
+    sched.step_update(1, 2.0)
+    assert sched.step_update(2, 1.0) == pytest.approx(3.5)
+    before = sched.state_dict()
+    assert sched.step(1, 0.5) == pytest.approx(3.5)  # an epoch keeps the last update's T
+    assert sched.step(5) == pytest.approx(3.5) and sched.step() == pytest.approx(3.5)
+    assert sched.state_dict() == before
+
+
+@pytest.mark.parametrize(
+    ("call", "norm"),
+    [
+        (lambda s, g: s.step(g), 2.0),
+        (lambda s, g: s.step(g), torch.tensor(2.0)),
+        (lambda s, g: s.step(grad_norm=g), 2.0),
+    ],
+    ids=["float", "tensor", "keyword"],
+)
+def test_gradient_norm_old_step_call_is_deprecated(call: Callable[..., float], norm: Any) -> None:
+    old, new = GradientNormTemperature(1.0, 6.0), GradientNormTemperature(1.0, 6.0)
+    with pytest.warns(DeprecationWarning, match=r"0\.2\.0.*step_update\(num_updates, grad_norm\)"):
+        assert call(old, 4.0) == new.step_update(1, 4.0) == 1.0
+    with pytest.warns(DeprecationWarning):
+        assert call(old, norm) == new.step_update(2, norm) == pytest.approx(3.5)
+    assert old.state_dict() == new.state_dict()
 
 
 def test_gradient_norm_state_dict_round_trip() -> None:
     norms = [3.0, 1.0, 5.0, 2.0, 0.5, 6.0, 1.5]
     reference = GradientNormTemperature(1.5, 4.0)
-    expected = [reference.step(g) for g in norms]
+    expected = updates(reference, norms)
     first = GradientNormTemperature(1.5, 4.0)
-    for g in norms[:3]:
-        first.step(g)
+    updates(first, norms[:3])
     resumed = GradientNormTemperature(1.5, 4.0)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert resumed.temperature == first.temperature
-    assert [resumed.step(g) for g in norms[3:]] == expected[3:]
+    assert [resumed.step_update(n, g) for n, g in enumerate(norms[3:], start=4)] == expected[3:]
 
 
 @pytest.mark.parametrize(
@@ -314,7 +348,23 @@ def test_gradient_norm_state_dict_round_trip() -> None:
 )
 def test_gradient_norm_bad_arguments(kwargs: dict[str, Any], grad_norm: float, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        GradientNormTemperature(**kwargs).step(grad_norm)
+        GradientNormTemperature(**kwargs).step_update(0, grad_norm)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda s: s.step_update(3), ValueError, "grad_norm is required"),
+        (lambda s: s.step(-1), ValueError, "epoch"),
+        (lambda s: s.step(True), ValueError, "epoch"),
+        (lambda s: s.step(0, norm=1.0), TypeError, "norm"),
+    ],
+)
+def test_gradient_norm_bad_calls(call: Callable[[GradientNormTemperature], float], error: type, match: str) -> None:
+    sched = GradientNormTemperature()
+    with pytest.raises(error, match=match):
+        call(sched)
+    assert sched.state_dict() == GradientNormTemperature().state_dict()
 
 
 # ---------------------------------------------------------------- lookup table
@@ -374,6 +424,267 @@ def test_every_registered_schedule_has_a_json_state() -> None:
         state = json.loads(json.dumps(sched.state_dict()))
         sched.load_state_dict(state)
         assert sched.state_dict() == state
+
+
+# ---------------------------------------------------------------- the interface
+def _every_kind() -> dict[str, TemperatureSchedule]:
+    return {
+        "constant": ConstantTemperature(3.0),
+        "temperate": TemperateSchedule(5),
+        "gradient_norm": GradientNormTemperature(),
+        "lookup_table": LookupTableTemperature([2.0, 1.0]),
+    }
+
+
+def test_every_schedule_answers_step_and_step_update() -> None:
+    kinds = _every_kind()
+    assert sorted(kinds) == TEMPERATURE_SCHEDULES.keys()
+    for key, sched in kinds.items():
+        assert isinstance(sched, TEMPERATURE_SCHEDULES.get(key))
+        assert sched.uses_grad_norm is (key == "gradient_norm")
+        t = sched.step(0, 2.0)
+        assert t == sched.temperature
+        moved = sched.step_update(1, 0.5)
+        if sched.uses_grad_norm:
+            assert moved == sched.min_temperature  # the first norm is the running max
+        else:  # the default: T unchanged, state untouched, grad_norm optional
+            before = sched.state_dict()
+            assert moved == t == sched.step_update(2) == sched.step_update(3, torch.tensor(9.0))
+            assert sched.state_dict() == before
+
+
+def test_to_lookup_table_rejects_any_per_update_schedule() -> None:
+    class PerUpdate(ConstantTemperature):
+        uses_grad_norm = True
+
+    with pytest.raises(ValueError, match="epoch-driven schedule, got PerUpdate"):
+        to_lookup_table(lambda: PerUpdate(2.0), 3)
+
+
+# ---------------------------------------------------------------- built for a stage
+CTX = StageContext(epochs=10, start_temperature=8.0, min_temperature=1.0, max_temperature=10.0)
+
+
+def test_stage_context_start() -> None:
+    assert CTX.start() == 8.0 and CTX.start(None) == 8.0
+    assert CTX.start(3.5) == 3.5
+    assert CTX.start(12.0) == 10.0 and CTX.start(0.5) == 1.0  # clamped to the scheduler's bounds
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CTX.epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": 2.0}, "epochs"),
+        ({"start_temperature": 0.0}, "start_temperature"),
+        ({"min_temperature": 5.0, "max_temperature": 4.0}, "min_temperature"),
+    ],
+)
+def test_stage_context_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        StageContext(**{"epochs": 3, "start_temperature": 4.0, **kwargs})
+
+
+def test_constant_for_stage() -> None:
+    assert ConstantTemperature.for_stage(CTX).temperature == 8.0  # the coupled start
+    assert ConstantTemperature.for_stage(CTX, base_temperature=3.5).step(4) == 3.5
+    assert ConstantTemperature.for_stage(CTX, base_temperature=15.0).temperature == 10.0
+    with pytest.raises(TypeError, match="alpha"):
+        ConstantTemperature.for_stage(CTX, alpha=0.5)  # type: ignore[call-arg]
+
+
+def test_temperate_for_stage_honours_every_setting() -> None:
+    sched = TemperateSchedule.for_stage(
+        CTX, alpha=0.5, beta=0.0, warmup=0.1, adapt_until=0.5, patience=3, plateau_tol=0.1
+    )
+    assert (sched.total_epochs, sched.base_temperature) == (10, 8.0)
+    assert (sched.alpha, sched.beta, sched.warmup, sched.adapt_until) == (0.5, 0.0, 0.1, 0.5)
+    assert (sched.patience, sched.plateau_tol) == (3, 0.1)
+    assert (sched.min_temperature, sched.max_temperature) == (1.0, 10.0)  # the context's clamps
+    # W = 1, A = 5: T = 8, then 0.5·T per adaptive epoch (beta 0), then decay to min.
+    temps = [sched.step(e, 1.0 + e) for e in range(10)]
+    assert temps[:5] == pytest.approx([8.0, 4.0, 2.0, 1.0, 1.0])
+    assert temps[-1] == 1.0
+    own = TemperateSchedule.for_stage(CTX, base_temperature=7.0, min_temperature=2.0, max_temperature=6.0)
+    assert (own.base_temperature, own.min_temperature, own.max_temperature) == (6.0, 2.0, 6.0)
+    low = TemperateSchedule.for_stage(CTX, min_temperature=9.0)
+    assert low.base_temperature == 9.0  # the coupled start 8 clamped up to this stage's min
+
+
+def test_gradient_norm_for_stage_honours_its_bounds() -> None:
+    default = GradientNormTemperature.for_stage(CTX)
+    assert (default.min_temperature, default.max_temperature) == (1.0, 8.0)  # max = coupled start
+    assert GradientNormTemperature.for_stage(CTX, base_temperature=5.0).max_temperature == 5.0
+    bounded = GradientNormTemperature.for_stage(CTX, min_temperature=2.0, max_temperature=3.0)
+    assert (bounded.min_temperature, bounded.max_temperature, bounded.temperature) == (2.0, 3.0, 3.0)
+    temps = updates(bounded, [4.0, 2.0, 0.0, 1e-9])
+    assert temps == pytest.approx([2.0, 2.5, 3.0, 3.0])  # T = 3 − 1·g/4; vanishing g → max
+    assert all(2.0 <= t <= 3.0 for t in temps)
+    hot_floor = GradientNormTemperature.for_stage(CTX, min_temperature=9.0)
+    assert (hot_floor.min_temperature, hot_floor.max_temperature) == (9.0, 9.0)
+    with pytest.raises(ValueError, match="not both"):
+        GradientNormTemperature.for_stage(CTX, max_temperature=3.0, base_temperature=3.0)
+    with pytest.raises(ValueError, match="min_temperature"):
+        GradientNormTemperature.for_stage(CTX, min_temperature=4.0, max_temperature=3.0)
+
+
+def test_lookup_table_for_stage() -> None:
+    lut = LookupTableTemperature.for_stage(CTX, table=[5.0, 4.0])
+    assert [lut.step(e) for e in range(3)] == [5.0, 4.0, 4.0]
+    with pytest.raises(TypeError, match="table"):
+        LookupTableTemperature.for_stage(CTX)  # type: ignore[call-arg]
+
+
+class _NoForStage(TemperatureSchedule):
+    """A schedule usable by hand but not buildable for a stage (no for_stage)."""
+
+    min_temperature = max_temperature = temperature = 2.0  # type: ignore[assignment]
+
+    def step(self, epoch: int, val_loss: float | None = None) -> float:
+        return 2.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        pass
+
+
+def test_a_schedule_without_for_stage_cannot_be_built_for_a_stage() -> None:
+    assert _NoForStage().step_update(1, 3.0) == 2.0
+    with pytest.raises(TypeError, match="_NoForStage does not define for_stage"):
+        _NoForStage.for_stage(CTX)
+    with pytest.raises(TypeError, match="_NoForStage declares neither Settings nor for_stage"):
+        settings_model(_NoForStage)
+
+
+# ---------------------------------------------------------------- recipe settings
+EXAMPLE_SETTINGS: dict[str, dict[str, Any]] = {
+    "constant": {},
+    "temperate": {},
+    "gradient_norm": {},
+    "lookup_table": {"table": [3.0, 2.0]},
+}
+
+
+@pytest.mark.parametrize("key", sorted(EXAMPLE_SETTINGS))
+def test_declared_settings_build_their_schedule(key: str) -> None:
+    cls = TEMPERATURE_SCHEDULES.get(key)
+    model = settings_model(cls)
+    assert model is cls.Settings and issubclass(model, ScheduleSettings)
+    assert model.model_config["extra"] == "forbid"
+    settings = model.model_validate(EXAMPLE_SETTINGS[key]).model_dump()
+    sched = cls.for_stage(CTX, **settings)  # every setting is a for_stage keyword
+    assert type(sched) is cls
+    params = inspect.signature(cls.for_stage).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        assert set(model.model_fields) <= set(params)
+    with pytest.raises(pydantic.ValidationError, match="Extra inputs"):
+        model.model_validate({**EXAMPLE_SETTINGS[key], "colour": 1})
+
+
+def test_temperate_settings_defaults_are_the_class_defaults() -> None:
+    init = inspect.signature(TemperateSchedule.__init__).parameters
+    fields = TemperateSchedule.Settings.model_fields
+    assert set(fields) <= set(init)
+    for name in set(fields) - {"base_temperature"}:  # base: empty means "the coupled start"
+        assert fields[name].default == init[name].default, name
+
+
+@pytest.mark.parametrize(
+    ("key", "settings", "match"),
+    [
+        ("temperate", {"min_temperature": 5.0, "max_temperature": 2.0}, "min_temperature must be <="),
+        ("temperate", {"warmup": 0.9, "adapt_until": 0.5}, "warmup must be <= adapt_until"),
+        ("temperate", {"patience": True}, "patience"),
+        ("temperate", {"alpha": float("nan")}, "alpha"),
+        ("gradient_norm", {"max_temperature": 3.0, "base_temperature": 3.0}, "not both"),
+        ("gradient_norm", {"min_temperature": 4.0, "max_temperature": 3.0}, "min_temperature must be <="),
+        ("lookup_table", {}, "table"),
+        ("lookup_table", {"table": []}, "table"),
+        ("lookup_table", {"table": [2.0, 0.0]}, r"table\.1"),
+        ("constant", {"base_temperature": 0.0}, "base_temperature"),
+    ],
+)
+def test_settings_reject_bad_values(key: str, settings: dict[str, Any], match: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=match):
+        settings_model(TEMPERATURE_SCHEDULES.get(key)).model_validate(settings)
+
+
+class _Halving(TemperatureSchedule):
+    """A user schedule: T halves every ``every`` epochs from the stage's start."""
+
+    def __init__(self, start: float, every: int = 2, floor: float = 1.0) -> None:
+        self.start, self.every, self.floor = start, every, floor
+        self.min_temperature, self.max_temperature = floor, start
+        self._t = start
+
+    @classmethod
+    def for_stage(
+        cls,
+        ctx: StageContext,
+        every: int = 2,
+        floor: float | None = None,
+        tag: Unresolvable = None,  # noqa: F821 - a name that cannot be resolved becomes Any
+    ) -> _Halving:
+        return cls(ctx.start_temperature, every, ctx.min_temperature if floor is None else floor)
+
+    @property
+    def temperature(self) -> float:
+        return self._t
+
+    def step(self, epoch: int, val_loss: float | None = None) -> float:
+        self._t = max(self.floor, self.start / 2 ** (epoch // self.every))
+        return self._t
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"temperature": self._t}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._t = state_dict["temperature"]
+
+
+def test_settings_derived_from_for_stage_signature() -> None:
+    model = settings_model(_Halving)
+    assert issubclass(model, ScheduleSettings) and model.__name__ == "_HalvingSettings"
+    assert list(model.model_fields) == ["every", "floor", "tag"]
+    assert model().model_dump() == {"every": 2, "floor": None, "tag": None}
+    assert model(every=3, floor=1.5).every == 3
+    with pytest.raises(pydantic.ValidationError, match="every"):
+        model(every="often")  # the annotation `int` is enforced
+    with pytest.raises(pydantic.ValidationError, match="Extra inputs"):
+        model(colour=1)
+    assert model(tag=object()).tag is not None  # an unresolvable annotation accepts anything
+    assert settings_model(_Halving) is model  # derived once
+    sched = _Halving.for_stage(CTX, **model(every=1).model_dump())
+    assert [sched.step(e) for e in range(4)] == [8.0, 4.0, 2.0, 1.0]
+
+
+def test_settings_derived_for_open_and_required_parameters() -> None:
+    class Open(_Halving):
+        @classmethod
+        def for_stage(cls, ctx: StageContext, rate: float, **settings: Any) -> Open:
+            return cls(ctx.start_temperature, **settings)
+
+    model = settings_model(Open)
+    with pytest.raises(pydantic.ValidationError, match="rate"):
+        model()  # no default: required
+    assert model(rate=0.5, every=4).model_dump() == {"rate": 0.5, "every": 4}
+
+
+@pytest.fixture
+def registered_halving() -> Iterator[str]:
+    with registered(TEMPERATURE_SCHEDULES, "test_halving", _Halving) as key:
+        yield key
+
+
+def test_a_registered_schedule_is_built_through_the_registry(registered_halving: str) -> None:
+    cls = TEMPERATURE_SCHEDULES.get(registered_halving)
+    sched = cls.for_stage(CTX, every=3)
+    assert [sched.step(e) for e in range(7)] == [8.0] * 3 + [4.0] * 3 + [2.0]
+    assert sched.step_update(10, 1.0) == 2.0 and not sched.uses_grad_norm  # the defaults
 
 
 # ---------------------------------------------------------------- suggestion

@@ -87,7 +87,7 @@ def test_student_file_reloads_with_same_predictions(full_run: tuple[Path, dict])
 
 
 def test_offline_wandb_run_reads_back(full_run: tuple[Path, dict]) -> None:
-    from qtemperate.tracking import read_offline_run
+    from tests.wandb_reader import read_offline_run
 
     run_dir, s = full_run
     data = read_offline_run(run_dir / "wandb")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qtemperate import tracking as T
+from tests import wandb_reader
 
 # --------------------------------------------------------------------------- JSONL / console
 
@@ -186,7 +187,7 @@ def offline_run(wandb_env: Path) -> tuple[T.WandbLogger, dict[str, Any], Path]:
         lg.log_artifact(artifact, "demo student", "model")
         lg.finish()
         lg.finish()  # idempotent
-    return lg, T.read_offline_run(run_dir), run_dir
+    return lg, wandb_reader.read_offline_run(run_dir), run_dir
 
 
 def test_wandb_offline_run_files(offline_run: tuple[T.WandbLogger, dict[str, Any], Path]) -> None:
@@ -250,7 +251,7 @@ def test_wandb_midrun_failure_disables(wandb_env: Path) -> None:
     lg.run.log = real_log
     lg.finish()
     with pytest.raises(FileNotFoundError, match="nothing-here"):
-        T.read_offline_run(wandb_env / "nothing-here")
+        wandb_reader.read_offline_run(wandb_env / "nothing-here")
 
 
 def test_wandb_disabled_mode_makes_no_files(tmp_path: Path) -> None:
@@ -258,3 +259,18 @@ def test_wandb_disabled_mode_makes_no_files(tmp_path: Path) -> None:
     lg.log({"x": 1}, 0)
     lg.finish()
     assert lg.run is None and not (tmp_path / "run").exists()
+
+
+def test_wandb_resume_continues_the_same_run(wandb_env: Path) -> None:
+    run_dir = wandb_env / "runs" / "resumed"
+    first = T.WandbLogger("p", run_dir, settings={"x_disable_stats": True})
+    first.log({"loss": 1.0}, 0)
+    first.finish()
+    assert (run_dir / T.RUN_ID_FILE).read_text() == first.run_id
+    second = T.WandbLogger("p", run_dir, resume=True, settings={"x_disable_stats": True})
+    assert second.run_id == first.run_id
+    second.log({"loss": 0.5}, 1)
+    second.finish()
+    fresh = T.WandbLogger("p", run_dir, settings={"x_disable_stats": True})  # no resume: a new run
+    assert fresh.run_id != first.run_id
+    fresh.finish()

@@ -1,4 +1,4 @@
-"""Tests for qtemperate.export: QCDQ/float ONNX export, onnxruntime agreement, int4 packing, timing."""
+"""Tests for qtemperate.export.onnx / qcdq / runtime: QCDQ/float ONNX export, onnxruntime agreement, int4 packing, timing."""
 
 from __future__ import annotations
 
@@ -24,29 +24,6 @@ from qtemperate.quantization import quantize, set_bit_width
 torch.set_num_threads(1)
 
 
-
-
-@pytest.fixture(scope="module")
-def trained(digits) -> tuple[nn.Module, nn.Module]:
-    """A small_cnn trained ~1 s on digits and its calibrated 8-bit quantization."""
-    xtr, ytr, _, _ = digits
-    torch.manual_seed(0)
-    model = build_model("small_cnn", num_classes=10, in_channels=1, width=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(120):
-        idx = torch.randint(0, len(ytr), (64,), generator=torch.Generator().manual_seed(step))
-        loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    q = quantize(
-        model,
-        calibration_loader=[xtr[i : i + 64] for i in range(0, 256, 64)],
-        calibration_batches=4,
-    )
-    return model, q.eval()
 
 
 def _initializers(path) -> dict[str, onnx.TensorProto]:

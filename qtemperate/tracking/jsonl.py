@@ -1,0 +1,93 @@
+"""Plain files in the run folder: metrics.jsonl, config.json, summary.json, tables, artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from qtemperate.tracking.base import MetricLogger, Scalar, check_table, plain, safe_name
+
+__all__ = ["JsonlLogger"]
+
+
+class JsonlLogger(MetricLogger):
+    """Plain files in ``run_dir``.
+
+    * ``metrics.jsonl``: one JSON object per :meth:`log` call, ``{"step": step, **metrics}``
+      (appended, so a resumed run continues the file).
+    * ``config.json``: the last logged config.
+    * ``summary.json``: all summaries merged.
+    * ``tables/<name>.json``: ``{"columns": [...], "rows": [[...], ...]}``.
+    * ``artifacts.jsonl``: one ``{"name", "type", "path"}`` object per artifact.
+
+    Args:
+        run_dir: Folder to write into (created).
+        filename: Name of the metrics file.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], filename: str = "metrics.jsonl") -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / filename
+        self.summary_path = self.run_dir / "summary.json"
+        self.config_path = self.run_dir / "config.json"
+        self._fh: TextIO | None = None
+        self._summary: dict[str, Any] = {}
+        if self.summary_path.is_file():
+            try:
+                self._summary = json.loads(self.summary_path.read_text())
+            except (OSError, ValueError):
+                self._summary = {}
+
+    def _write_json(self, path: Path, obj: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2, default=str, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    def log(self, metrics: Mapping[str, Scalar], step: int) -> None:
+        """Append ``{"step": step, **metrics}`` as one line.
+
+        Raises:
+            ValueError: if ``metrics`` has its own ``"step"`` key.
+        """
+        if "step" in metrics:
+            raise ValueError("metrics must not contain the key 'step'; pass it as step=")
+        if self._fh is None:
+            self._fh = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+        record = {"step": int(step), **{str(k): plain(v) for k, v in metrics.items()}}
+        self._fh.write(json.dumps(record, default=str) + "\n")
+        self._fh.flush()
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """Write ``config.json``."""
+        self._write_json(self.config_path, plain(dict(config)))
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        """Merge into ``summary.json``."""
+        self._summary.update(plain(dict(summary)))
+        self._write_json(self.summary_path, self._summary)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Write ``tables/<name>.json``."""
+        check_table(name, columns, rows)
+        self._write_json(
+            self.run_dir / "tables" / f"{safe_name(name)}.json",
+            {"columns": list(columns), "rows": [plain(list(r)) for r in rows]},
+        )
+
+    def log_artifact(self, path: str | os.PathLike[str], name: str, type: str) -> None:
+        """Append ``{"name", "type", "path"}`` to ``artifacts.jsonl`` (no copy)."""
+        record = {"name": name, "type": type, "path": str(Path(path).resolve())}
+        with open(self.run_dir / "artifacts.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def finish(self) -> None:
+        """Close ``metrics.jsonl``."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+

@@ -1,0 +1,287 @@
+"""Weights & Biases: online with credentials, offline run files otherwise, never in the way.
+
+``wandb`` is imported lazily inside :class:`WandbLogger`, so ``import qtemperate``
+stays fast. Offline runs land in ``run_dir/wandb/offline-run-*/run-<id>.wandb``
+(``wandb sync`` uploads them later). A resumed run continues the same W&B run: the
+logger keeps the run id in ``run_dir/wandb_run_id.txt`` and, with ``resume=True``,
+reopens that id.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from qtemperate.tracking.base import MetricLogger, Scalar, plain, safe_name
+
+__all__ = ["RUN_ID_FILE", "WandbLogger", "resolve_wandb_mode", "wandb_api_key_available"]
+
+RUN_ID_FILE = "wandb_run_id.txt"
+_WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_api_key_available() -> bool:
+    """Whether W&B credentials exist without prompting.
+
+    True when ``WANDB_API_KEY`` or ``WANDB_IDENTITY_TOKEN_FILE`` is set, or the netrc
+    file (``$NETRC`` or ``~/.netrc``) has an entry for the W&B host
+    (``$WANDB_BASE_URL``, default ``api.wandb.ai``).
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    host = re.sub(r"^[a-z]+://", "", base).split("/")[0].split(":")[0]
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else [
+        os.path.expanduser("~/.netrc"),
+        os.path.expanduser("~/_netrc"),
+    ]
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            auth = netrc.netrc(path).authenticators(host)
+        except (netrc.NetrcParseError, OSError):
+            continue
+        if auth and auth[2]:
+            return True
+    return False
+
+
+def resolve_wandb_mode(mode: str = "auto") -> str:
+    """Resolve ``"auto"`` to a concrete W&B mode.
+
+    ``auto``: ``$WANDB_MODE`` when set, else ``online`` with credentials
+    (:func:`wandb_api_key_available`) and ``offline`` without. Other modes are
+    returned unchanged.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode not in _WANDB_MODES:
+        raise ValueError(f"wandb mode must be one of {', '.join(_WANDB_MODES)}; got {mode!r}")
+    if mode != "auto":
+        return mode
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env_mode in ("online", "offline", "disabled"):
+        return env_mode
+    if env_mode in ("dryrun",):
+        return "offline"
+    return "online" if wandb_api_key_available() else "offline"
+
+
+class WandbLogger(MetricLogger):
+    """Weights & Biases backend that never raises into training.
+
+    ``wandb.init`` runs in the constructor with ``dir=run_dir``, so offline runs land
+    in ``run_dir/wandb/offline-run-*/run-<id>.wandb`` (sync later with
+    ``wandb sync``). Any exception from W&B produces one :class:`RuntimeWarning` and
+    disables the logger; later calls do nothing.
+
+    Args:
+        project: W&B project.
+        run_dir: The qtemperate run folder (``runs/<name>``).
+        group: W&B group (e.g. the recipe name of a sweep).
+        name: Display name of the run.
+        mode: ``auto`` (online only with credentials, see :func:`resolve_wandb_mode`),
+            ``online``, ``offline`` or ``disabled``.
+        tags: Run tags.
+        config: Initial config (the recipe).
+        entity: W&B entity (team/user).
+        run_id: Fixed run id (default: a new id, or the saved one when resuming).
+        resume: ``True`` continues the W&B run whose id this logger saved in
+            ``run_dir/wandb_run_id.txt`` (W&B policy ``"allow"``: a new run when there
+            is none); a string is passed to W&B as the resume policy.
+        system_stats: Sample CPU/GPU/memory statistics.
+        init_timeout: Seconds ``wandb.init`` may take before it is given up.
+        finish_timeout: Seconds ``finish`` waits for an online upload; what is left
+            stays on disk for ``wandb sync`` (0 waits forever).
+        settings: Extra ``wandb.Settings`` fields, overriding the defaults above.
+    """
+
+    def __init__(
+        self,
+        project: str,
+        run_dir: str | os.PathLike[str],
+        group: str | None = None,
+        name: str | None = None,
+        mode: str = "auto",
+        tags: Iterable[str] | None = None,
+        config: Mapping[str, Any] | None = None,
+        entity: str | None = None,
+        run_id: str | None = None,
+        resume: bool | str | None = None,
+        system_stats: bool = True,
+        init_timeout: float = 60.0,
+        finish_timeout: float = 300.0,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.mode = resolve_wandb_mode(mode)
+        self.run: Any = None
+        self.disabled = False
+        self._step = 0
+        self._finished = False
+        if self.mode == "disabled":
+            self.disabled = True
+            return
+        id_file = self.run_dir / RUN_ID_FILE
+        if resume is True:
+            if run_id is None and id_file.is_file():
+                run_id = id_file.read_text().strip() or None
+            resume = "allow" if run_id else None
+        elif resume is False:
+            resume = None
+        try:
+            import wandb
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            opts: dict[str, Any] = {
+                "mode": self.mode,
+                "init_timeout": float(init_timeout),
+                "console": "off",
+                "x_disable_stats": not system_stats,
+                "reinit": "create_new",
+                "finish_timeout": float(finish_timeout),
+            }
+            known = getattr(wandb.Settings, "model_fields", None)
+            if known:  # drop defaults this wandb version does not have
+                opts = {k: v for k, v in opts.items() if k in known}
+            opts.update(settings or {})
+            self.run = wandb.init(
+                project=project,
+                entity=entity,
+                dir=str(self.run_dir),
+                group=group,
+                name=name,
+                tags=list(tags) if tags else None,
+                config=plain(dict(config)) if config else None,
+                id=run_id,
+                resume=resume,
+                settings=wandb.Settings(**opts),
+            )
+            if self.run is not None and getattr(self.run, "id", None):
+                id_file.write_text(str(self.run.id))
+        except Exception as exc:
+            self._fail("wandb.init", exc)
+
+    # -- failure handling -------------------------------------------------------
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        self.disabled = True
+        warnings.warn(
+            f"W&B logging disabled after {what} failed: {type(exc).__name__}: {exc}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    @property
+    def active(self) -> bool:
+        """Whether calls still reach W&B."""
+        return not self.disabled and self.run is not None and not self._finished
+
+    # -- locations --------------------------------------------------------------
+
+    @property
+    def run_path(self) -> Path | None:
+        """Folder of this run's files (``run_dir/wandb/offline-run-*`` offline)."""
+        if self.run is None:
+            return None
+        return Path(self.run.settings.sync_dir)
+
+    @property
+    def run_file(self) -> Path | None:
+        """The run's ``.wandb`` transaction log, readable with ``wandb leet inspect``."""
+        if self.run is None:
+            return None
+        return Path(self.run.settings.sync_file)
+
+    @property
+    def run_id(self) -> str | None:
+        """W&B run id."""
+        return None if self.run is None else str(self.run.id)
+
+    @property
+    def url(self) -> str | None:
+        """Web URL of an online run (``None`` offline)."""
+        return None if self.run is None or self.mode != "online" else self.run.url
+
+    # -- logging ----------------------------------------------------------------
+
+    def log(self, metrics: Mapping[str, Scalar], step: int) -> None:
+        """``run.log(metrics, step=step)``."""
+        if not self.active:
+            return
+        try:
+            self.run.log({str(k): plain(v) for k, v in metrics.items()}, step=int(step))
+            self._step = max(self._step, int(step))
+        except Exception as exc:
+            self._fail("run.log", exc)
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """``run.config.update(config)``."""
+        if not self.active:
+            return
+        try:
+            self.run.config.update(plain(dict(config)), allow_val_change=True)
+        except Exception as exc:
+            self._fail("run.config.update", exc)
+
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        """``run.summary.update(summary)``."""
+        if not self.active:
+            return
+        try:
+            self.run.summary.update(plain(dict(summary)))
+        except Exception as exc:
+            self._fail("run.summary.update", exc)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Log a ``wandb.Table`` under ``name`` at the latest step."""
+        if not self.active:
+            return
+        try:
+            import wandb
+
+            table = wandb.Table(columns=list(columns), data=[plain(list(r)) for r in rows])
+            self.run.log({name: table}, step=self._step)
+        except Exception as exc:
+            self._fail("logging table " + repr(name), exc)
+
+    def log_artifact(self, path: str | os.PathLike[str], name: str, type: str) -> None:
+        """Log a file or folder as a ``wandb.Artifact`` (name sanitised for W&B).
+
+        A missing path only warns; it does not disable the logger.
+        """
+        if not self.active:
+            return
+        p = Path(path)
+        if not p.exists():
+            warnings.warn(f"W&B artifact {name!r} skipped: {p} does not exist", RuntimeWarning, stacklevel=2)
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(safe_name(name), type=type)
+            if p.is_dir():
+                artifact.add_dir(str(p))
+            else:
+                artifact.add_file(str(p))
+            self.run.log_artifact(artifact)
+        except Exception as exc:
+            self._fail("logging artifact " + repr(name), exc)
+
+    def finish(self, exit_code: int | None = None) -> None:
+        """``run.finish()``; idempotent."""
+        if self.run is None or self._finished:
+            return
+        self._finished = True
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as exc:
+            self._fail("run.finish", exc)
+

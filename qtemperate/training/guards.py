@@ -1,0 +1,33 @@
+"""What stops a run early: divergence (NaN/Inf loss) and a simulated kill.
+
+The training loop reads loss values back only at log points and at the end of an
+epoch (a host sync on a GPU); :func:`check_finite` is called there, before the
+epoch's evaluation and checkpoint, so a divergent epoch never overwrites the last
+good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "check_finite"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the run stops without writing a checkpoint for that epoch."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``stop_after_epochs`` (tests simulate a killed run with it)."""
+
+
+def check_finite(loss: float | torch.Tensor, where: str) -> None:
+    """Raise :class:`TrainingDiverged` naming ``where`` when ``loss`` is NaN or infinite."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"{where}: loss is {value} (NaN/Inf); stopping. The last good checkpoint is "
+            "kept; lower the learning rate or raise the temperature and run again with --resume."
+        )

@@ -1,0 +1,148 @@
+"""One distillation epoch: the student learns from the teacher's softened logits.
+
+Per step: teacher logits (cached or live), ``parts = TemperateLoss(student(x), t, y)``,
+backward, gradient clipping, the per-update temperature (for schedules that move with
+the gradient norm), optimizer step. Loss parts stay tensors and are read back (a host
+sync on a GPU) only every ``log_every`` steps and at the end of the epoch, where a
+NaN/Inf stops the run before the epoch's evaluation and checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtemperate.joint_scheduler import JointScheduler, StageState
+from qtemperate.losses import TemperateLoss
+from qtemperate.training.checkpointing import Progress
+from qtemperate.training.console import Console
+from qtemperate.training.guards import check_finite
+from qtemperate.training.lr_schedule import lr_at, set_lr
+from qtemperate.training.teacher import TeacherLogits
+
+__all__ = ["Distiller", "LrPlan", "stable_names"]
+
+
+@dataclass(frozen=True)
+class LrPlan:
+    """The learning-rate schedule of one stage, in global optimizer steps."""
+
+    first_step: int
+    steps: int
+    peak: float
+    kind: str
+
+    def at(self, global_step: int) -> float:
+        return lr_at(global_step - self.first_step, self.steps, self.peak, self.kind)
+
+
+def stable_names(parts: dict[str, Any], state: StageState, scheduler: JointScheduler) -> dict[str, Any]:
+    """Name each scale's KD part by its *reference* temperature (``kd_T6``).
+
+    The loss names parts by the current T (``kd_T7.13``), which moves every epoch;
+    charts need names that stay put. The current T of each scale is logged beside it
+    as ``T_scale{ref}``.
+    """
+    out = {k: v for k, v in parts.items() if not k.startswith("kd_T")}
+    for ref, now in zip(scheduler.base_temperatures, state.temperatures):
+        part = parts.get(f"kd_T{now:g}")
+        if part is not None:
+            out[f"kd_T{ref:g}"] = part
+        out[f"T_scale{ref:g}"] = now
+    return out
+
+
+@dataclass
+class Distiller:
+    """What stays fixed over the epochs of one stage, and :meth:`train_epoch`.
+
+    Attributes:
+        student: The model being trained.
+        teacher: Source of the teacher's logits.
+        loss_fn: The Temperate loss (its temperatures are set per epoch / update).
+        scheduler: The joint scheduler (already stepped to the epoch).
+        optimizer: The stage's optimizer.
+        device: Where batches go.
+        grad_clip: Max gradient norm (``inf``: no clipping, the norm is still measured).
+        log_every: Read loss parts back and log every this many steps.
+    """
+
+    student: nn.Module
+    teacher: TeacherLogits
+    loss_fn: TemperateLoss
+    scheduler: JointScheduler
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    grad_clip: float
+    log_every: int
+
+    def train_epoch(
+        self,
+        loader: Any,
+        epoch: int,
+        progress: Progress,
+        lr: LrPlan,
+        log: Callable[[dict[str, Any], int], None],
+        console: Console,
+    ) -> dict[str, float]:
+        """Train one epoch; return the mean of every logged loss part.
+
+        Args:
+            loader: Yields ``(x, y, index)``.
+            epoch: Global epoch (for messages and logs).
+            progress: Its ``global_step`` advances by one per step.
+            lr: The stage's learning-rate plan.
+            log: ``log(metrics, step_in_student_steps)``.
+            console: Progress bar and messages.
+        """
+        sched = self.scheduler
+        state = sched.state
+        assert state is not None, "step the scheduler to the epoch first"
+        self.student.train()
+        sums: dict[str, Any] = {}
+        n = 0
+        where = f"epoch {epoch} ({state.stage_name})"
+        bar = console.bar(loader, desc=f"epoch {epoch + 1}/{sched.total_epochs} {state.stage_name}")
+        for x, y, idx in bar:
+            x, y = x.to(self.device), y.to(self.device)
+            t_out = self.teacher(x, idx)
+            rate = lr.at(progress.global_step)
+            set_lr(self.optimizer, rate)
+            parts = self.loss_fn(self.student(x), t_out, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+            if sched.wants_grad_norm:
+                state = sched.step_update(progress.global_step, float(gnorm))
+                self.loss_fn.set_temperatures(state.temperatures, state.weights)
+            self.optimizer.step()
+            progress.global_step += 1
+            n += 1
+            named = stable_names({k: v.detach() for k, v in parts.items()}, state, sched)
+            for k, v in named.items():
+                sums[k] = sums[k] + v if k in sums else v
+            if progress.global_step % self.log_every == 0:
+                vals = {k: float(v) for k, v in named.items()}
+                check_finite(vals["loss"], where)
+                if console.enabled:
+                    bar.set_postfix(loss=f"{vals['loss']:.3f}", T=f"{state.temperature:.2f}",
+                                    bits=f"W{state.weight_bits}A{state.act_bits}")
+                log(
+                    {
+                        **{f"train/{k}": v for k, v in vals.items()},
+                        "train/lr": rate,
+                        "train/T": state.temperature,
+                        "train/weight_bits": state.weight_bits,
+                        "train/act_bits": state.act_bits,
+                        "train/grad_norm": float(gnorm),
+                        "epoch": epoch,
+                    },
+                    progress.global_step,
+                )
+        means = {k: float(v) / max(n, 1) for k, v in sums.items()}
+        check_finite(means.get("loss", 0.0), where)
+        return means

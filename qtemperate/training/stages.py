@@ -1,0 +1,60 @@
+"""Entering a bit-width stage: quantize once, then switch bits in place.
+
+The first quantized stage turns the float student into a Brevitas QAT model
+(:func:`~qtemperate.quantization.quantize`, calibrated on a fixed slice of training
+data); every later stage lowers the bit widths in place
+(:func:`~qtemperate.quantization.set_bit_width`), keeping weights and learned ranges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtemperate.joint_scheduler import BitStage
+from qtemperate.quantization import quantize, set_bit_width
+from qtemperate.recipe import StudentConfig
+
+__all__ = ["enter_stage"]
+
+
+def enter_stage(
+    student: nn.Module,
+    stage: BitStage,
+    quantized_now: bool,
+    config: StudentConfig,
+    device: torch.device,
+    calibration: Iterable[Any] | None = None,
+) -> nn.Module:
+    """The student to train in ``stage``.
+
+    Args:
+        student: The current student (float before the first quantized stage).
+        stage: The stage being entered.
+        quantized_now: Whether ``student`` is already quantized.
+        config: The recipe's ``student`` section (first/last bits, per-channel,
+            calibration batches).
+        device: Where the quantized model goes.
+        calibration: Batches for activation-range calibration; ``None`` on resume, where
+            the ranges come from the checkpoint's state dict.
+
+    Returns:
+        ``student`` itself (float stage, or bits switched in place) or a new quantized model.
+    """
+    if not stage.quantized:
+        return student
+    if quantized_now:
+        return set_bit_width(student, stage.weight_bits, stage.act_bits)
+    use = calibration if config.calibration_batches > 0 else None
+    return quantize(
+        student,
+        weight_bits=stage.weight_bits,
+        act_bits=stage.act_bits,
+        first_last_bits=config.first_last_bits,
+        per_channel=config.per_channel,
+        calibration_loader=use,
+        calibration_batches=max(config.calibration_batches, 1),
+    ).to(device)

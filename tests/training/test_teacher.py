@@ -1,0 +1,95 @@
+"""The teacher step: training, saving, reuse on resume, logit caching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtemperate.checkpoint import load_checkpoint
+from qtemperate.data import DataBundle, RunLoaders
+from qtemperate.models import build_model
+from qtemperate.recipe import OptimizerConfig, Recipe, parse_recipe
+from qtemperate.tracking import JsonlLogger
+from qtemperate.training.evaluate import evaluate
+from qtemperate.training.teacher import (
+    TEACHER_FILE,
+    TeacherLogits,
+    cache_teacher_logits,
+    prepare_teacher,
+    should_cache_logits,
+    train_teacher,
+)
+
+CPU = torch.device("cpu")
+
+
+def _model() -> torch.nn.Module:
+    return build_model("small_cnn", num_classes=10, in_channels=1, width=8)
+
+
+def test_train_teacher_learns_and_is_deterministic(digits_loaders: RunLoaders, tmp_path: Path) -> None:
+    a, b = _model(), _model()
+    b.load_state_dict(a.state_dict())
+    logger = JsonlLogger(tmp_path)
+    steps = train_teacher(a, digits_loaders, 2, 0.05, OptimizerConfig(), CPU, seed=1, logger=logger)
+    logger.finish()
+    assert steps == 2 * len(digits_loaders.train)
+    train_teacher(b, digits_loaders, 2, 0.05, OptimizerConfig(), CPU, seed=1)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    acc, _ = evaluate(a, digits_loaders.test, CPU)
+    assert acc > 0.3  # 10 classes, 16 steps: well above chance (0.1)
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and '"teacher/acc"' in rows[0]
+
+
+def test_prepare_teacher_saves_and_reuses_on_resume(
+    recipe: Recipe, digits_bundle: DataBundle, digits_loaders: RunLoaders, tmp_path: Path
+) -> None:
+    model, steps = prepare_teacher(recipe, digits_bundle, digits_loaders, tmp_path, False, CPU)
+    saved = load_checkpoint(tmp_path / TEACHER_FILE)
+    assert saved["steps"] == steps == recipe.teacher.train.epochs * len(digits_loaders.train)
+    assert saved["model"] == "small_cnn" and saved["kwargs"]["num_classes"] == 10
+    again, steps2 = prepare_teacher(recipe, digits_bundle, digits_loaders, tmp_path, True, CPU)
+    assert steps2 == steps and not again.training
+    for pa, pb in zip(model.parameters(), again.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_prepare_teacher_loads_a_checkpoint(
+    recipe: Recipe, digits_bundle: DataBundle, digits_loaders: RunLoaders, tmp_path: Path
+) -> None:
+    src = build_model("small_cnn", num_classes=10, in_channels=1, width=16)
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "t.pt")
+    raw = recipe.model_dump(mode="json")
+    raw["teacher"] = {"model": "small_cnn", "kwargs": {"width": 16}, "checkpoint": str(tmp_path / "t.pt")}
+    r = parse_recipe(raw)
+    model, steps = prepare_teacher(r, digits_bundle, digits_loaders, tmp_path / "run", False, CPU)
+    assert steps == 0
+    for pa, pb in zip(src.parameters(), model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize(
+    ("mode", "augmented", "cache"),
+    [("auto", False, True), ("auto", True, False), ("on", False, True), ("off", False, False), ("off", True, False)],
+)
+def test_should_cache_logits(mode: str, augmented: bool, cache: bool) -> None:
+    assert should_cache_logits(mode, augmented)[0] is cache
+
+
+def test_cache_on_with_augmentation_is_an_error() -> None:
+    with pytest.raises(ValueError, match="cache_teacher_logits"):
+        should_cache_logits("on", True)
+
+
+def test_cached_logits_equal_live_logits(digits_loaders: RunLoaders) -> None:
+    teacher = _model().eval()
+    cache = cache_teacher_logits(teacher, digits_loaders, CPU)
+    assert cache.shape == (len(digits_loaders.plain.dataset), 10)
+    cached, live = TeacherLogits(teacher, cache), TeacherLogits(teacher, None)
+    x, _, idx = next(iter(digits_loaders.train))
+    assert cached.cached and not live.cached
+    torch.testing.assert_close(cached(x, idx), live(x, idx), rtol=1e-5, atol=1e-5)
