@@ -539,8 +539,8 @@ def test_bad_arguments_raise_value_error(make: object) -> None:
         make()  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("epoch", [-1, 9, 100, 1.0, True, "0"])
-def test_epoch_out_of_range_or_not_int_raises(epoch: object) -> None:
+@pytest.mark.parametrize("epoch", [-1, 9, 100, 9.5, -0.5, float("nan"), True, "0"])
+def test_epoch_out_of_range_or_not_a_number_raises(epoch: object) -> None:
     s = three_stages()
     with pytest.raises(ValueError, match="epoch"):
         s.step(epoch)  # type: ignore[arg-type]

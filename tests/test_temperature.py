@@ -260,8 +260,11 @@ def test_temperate_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     [
         ([], -1, None, "epoch"),
         ([], 10, None, "epoch"),
-        ([], 1.0, None, "epoch"),
+        ([], float("nan"), None, "epoch"),
+        ([], -0.5, None, "epoch"),
+        ([], "1", None, "epoch"),
         ([], True, None, "epoch"),
+        ([1.0] * 5, 3.99, None, "decrease"),
         ([1.0] * 5, 2, None, "decrease"),
         ([1.0] * 3, 3, None, "val_loss is required"),
         ([1.0] * 3, 3, float("nan"), "val_loss"),
