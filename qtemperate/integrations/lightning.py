@@ -37,8 +37,10 @@ What it does, hook by hook:
   norm and moves T for the next update.
 * ``on_train_batch_end``: the loss parts (``kd_loss``, ``kd_T6`` ...), the current
   temperatures (``T``, ``T_scale6`` ...) and bits are logged through
-  ``pl_module.log`` under ``log_prefix``, so they reach whatever logger the Trainer
-  has (CSV, TensorBoard, W&B via ``WandbLogger``).
+  ``pl_module.log`` under ``log_prefix`` (every ``log_every_n_steps`` updates, as
+  Lightning logs), so they reach whatever logger the Trainer has (CSV, TensorBoard,
+  W&B via ``WandbLogger``); ``on_train_epoch_end`` logs the epoch's last temperature
+  and bits once per epoch (``epoch_T``, ``epoch_weight_bits``, ``epoch_act_bits``).
 * ``state_dict`` / ``load_state_dict``: the scheduler's state and the stage travel in
   Lightning checkpoints. Resuming a fit whose student was already quantized: call
   :meth:`TemperateDistillation.prepare_resume` before ``trainer.fit(ckpt_path=...)``
@@ -253,6 +255,14 @@ class TemperateDistillation(pl.Callback):
             f"{self.log_prefix}stage": float(st.stage_index),
         })
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        st = self.state
+        if st is None:
+            return
+        p = self.log_prefix
+        pl_module.log_dict({f"{p}epoch_T": st.temperature, f"{p}epoch_weight_bits": float(st.weight_bits),
+                            f"{p}epoch_act_bits": float(st.act_bits)}, on_step=False, on_epoch=True)
 
     # -- checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
