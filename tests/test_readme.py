@@ -81,7 +81,9 @@ def test_readme_lightning_example_runs(tmp_path: Path, monkeypatch: pytest.Monke
 
     ns: dict = {"teacher": teacher, "student": student, "train_loader": loader(96, 32), "val_loader": loader(64, 64)}
     exec(compile(code, str(README), "exec"), ns)
-    ns["trainer"].logger.experiment.finish()
+    experiment = ns["trainer"].logger.experiment
+    run_folder = Path(experiment.dir).parent  # wandb keeps the root folder of the process's first run
+    experiment.finish()
     kd, module = ns["kd"], ns["trainer"].lightning_module
     from qtemperate import get_bit_widths
 
@@ -90,7 +92,7 @@ def test_readme_lightning_example_runs(tmp_path: Path, monkeypatch: pytest.Monke
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     # One record per epoch reached W&B (per-update records follow Lightning's log_every_n_steps):
     # float at T0 = 6, W8A8 at 6 + 2 halvings, W4A4 starting at 6 + 3.
-    history = wandb_reader.read_offline_run(tmp_path / "wandb")["history"]
+    history = wandb_reader.read_offline_run(run_folder)["history"]
     epochs = [h for h in history if "temperate/epoch_T" in h]
     assert [h["temperate/epoch_weight_bits"] for h in epochs] == [32, 8, 4, 4]
     assert [h["temperate/epoch_T"] for h in epochs[:3]] == pytest.approx([6.0, 8.0, 9.0])

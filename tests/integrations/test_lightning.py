@@ -97,6 +97,7 @@ def test_fit_distills_quantizes_in_stages_and_logs_the_schedule(tmp_path: Path, 
 
     wandb_logger = WandbLogger(project="qtemperate-test", save_dir=str(tmp_path), offline=True)
     kd, module, teacher, before = _fit(tmp_path, loaders, [CSVLogger(tmp_path, name="csv"), wandb_logger])
+    run_folder = Path(wandb_logger.experiment.dir).parent
     wandb_logger.experiment.finish()
 
     # The teacher was frozen and in eval mode: its weights and BatchNorm statistics never moved.
@@ -121,7 +122,7 @@ def test_fit_distills_quantizes_in_stages_and_logs_the_schedule(tmp_path: Path, 
         assert math.isfinite(float(r["temperate/loss"])) and float(r["temperate/kd_T6"]) >= 0
 
     # The same temperatures reached W&B through Lightning's WandbLogger (an offline run on disk).
-    run = wandb_reader.read_offline_run(tmp_path / "wandb")
+    run = wandb_reader.read_offline_run(run_folder)
     logged = [h["temperate/T"] for h in run["history"] if "temperate/T" in h]
     assert logged == pytest.approx(want, rel=1e-6)
 
@@ -145,3 +146,32 @@ def test_bad_setups_fail_before_training(tmp_path: Path, loaders: Any) -> None:
         L.Trainer(max_epochs=3, callbacks=[kd], **common).fit(module, loaders[0])
     with pytest.raises(ValueError, match="exactly one"):
         TemperateDistillation(_teacher())
+
+
+def test_a_fit_quantized_mid_way_resumes_from_its_checkpoint(tmp_path: Path, loaders: Any) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    teacher = _teacher()
+    stages = [BitStage("float", 1), BitStage("w8a8", 1, 8, 8), BitStage("w4a4", 1, 4, 4)]
+
+    def trainer(kd: TemperateDistillation, max_epochs: int) -> Any:
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+        return L.Trainer(max_epochs=max_epochs, callbacks=[kd, ckpt], logger=False, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=tmp_path)
+
+    kd = TemperateDistillation(teacher, stages, student_attr="net")
+    module = LitStudent(build_model("small_cnn", num_classes=10, in_channels=1, width=8), kd)
+    first = trainer(kd, kd.total_epochs)
+    first.fit(module, *loaders)
+    saved = sorted((tmp_path / "ckpt").glob("epoch=1-*.ckpt"))
+    assert len(saved) == 1  # after W8A8: the student was quantized mid-fit
+
+    kd2 = TemperateDistillation(teacher, stages, student_attr="net")
+    module2 = LitStudent(build_model("small_cnn", num_classes=10, in_channels=1, width=8), kd2)
+    kd2.prepare_resume(module2, saved[0])
+    assert is_quantized(module2.net) and kd2.stage_index == 1
+    trainer(kd2, kd2.total_epochs).fit(module2, *loaders, ckpt_path=saved[0])
+    assert kd2.state.weight_bits == 4 and kd2.scheduler.state.epoch == 2
+    inner = [v["weight"] for v in get_bit_widths(module2.net).values() if v["weight"] is not None]
+    assert min(inner) == 4
