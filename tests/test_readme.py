@@ -69,7 +69,13 @@ def test_readme_lightning_example_runs(tmp_path: Path, monkeypatch: pytest.Monke
     from qtemperate import build_model
     from tests import wandb_reader
 
-    monkeypatch.chdir(tmp_path)  # Lightning and W&B (offline in tests) write here
+    import functools
+
+    import lightning.pytorch.loggers as pl_loggers
+
+    monkeypatch.chdir(tmp_path)  # Lightning writes here
+    # W&B (offline in tests) keeps the folder of the process's first run: point this one here.
+    monkeypatch.setattr(pl_loggers, "WandbLogger", functools.partial(pl_loggers.WandbLogger, save_dir=str(tmp_path)))
     code = blocks("Lightning", "python")[0]
     teacher = build_model("small_cnn", num_classes=10, in_channels=1, width=8)
     student = build_model("small_cnn", num_classes=10, in_channels=1, width=4)
@@ -82,7 +88,7 @@ def test_readme_lightning_example_runs(tmp_path: Path, monkeypatch: pytest.Monke
     ns: dict = {"teacher": teacher, "student": student, "train_loader": loader(96, 32), "val_loader": loader(64, 64)}
     exec(compile(code, str(README), "exec"), ns)
     experiment = ns["trainer"].logger.experiment
-    run_folder = Path(experiment.dir).parent  # wandb keeps the root folder of the process's first run
+    run_folder = Path(experiment.dir).parent
     experiment.finish()
     kd, module = ns["kd"], ns["trainer"].lightning_module
     from qtemperate import get_bit_widths
