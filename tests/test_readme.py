@@ -66,12 +66,12 @@ def test_readme_library_example_runs() -> None:
 
 def test_readme_lightning_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("lightning")
-    from qtemperate import build_model
-    from tests import wandb_reader
-
     import functools
 
     import lightning.pytorch.loggers as pl_loggers
+
+    from qtemperate import build_model
+    from tests import wandb_reader
 
     monkeypatch.chdir(tmp_path)  # Lightning writes here
     # W&B (offline in tests) keeps the folder of the process's first run: point this one here.
