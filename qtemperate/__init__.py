@@ -13,6 +13,9 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from qtemperate.heads import TASK_LOSSES as TASK_LOSSES
+from qtemperate.heads import HeadLoss as HeadLoss
+from qtemperate.heads import Task as Task
 from qtemperate.joint_scheduler import BitDropCoupling as BitDropCoupling
 from qtemperate.joint_scheduler import BitStage as BitStage
 from qtemperate.joint_scheduler import CouplingRule as CouplingRule
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
     from qtemperate.models import ResidualAdd as ResidualAdd
     from qtemperate.models import build_model as build_model
     from qtemperate.models import list_models as list_models
+    from qtemperate.models import resolve_model as resolve_model
     from qtemperate.planner import PlanReport as PlanReport
     from qtemperate.planner import plan_recipe as plan_recipe
     from qtemperate.planner import plan_student as plan_student
@@ -148,12 +152,14 @@ _LAZY = {
     "pareto_front": "qtemperate.compare",
     "preflight": "qtemperate.preflight",
     "TrainingDiverged": "qtemperate.trainer",
+    "resolve_model": "qtemperate.models",
 }
 
 __all__ = [
     "DATASETS",
     "IMPORTANCES",
     "MODELS",
+    "TASK_LOSSES",
     "TEMPERATURE_SCHEDULES",
     "BitDropCoupling",
     "BitStage",
@@ -164,6 +170,7 @@ __all__ = [
     "DatasetInfo",
     "EpochSeededSampler",
     "GradientNormTemperature",
+    "HeadLoss",
     "JointScheduler",
     "JsonlLogger",
     "LookupTableTemperature",
@@ -182,6 +189,7 @@ __all__ = [
     "SizeReport",
     "StageContext",
     "StageState",
+    "Task",
     "TemperateLoss",
     "TemperateSchedule",
     "TemperatureSchedule",
@@ -220,6 +228,7 @@ __all__ = [
     "pruning_plan",
     "quantize",
     "recalibrate_batchnorm",
+    "resolve_model",
     "save_student",
     "set_bit_width",
     "settings_model",

@@ -22,6 +22,23 @@ affine map that keeps 1 fixed: ``T_i(t) = 1 + (T_i − 1) · (T(t) − 1) / (T_r
 so (6, 3, 1) at ``T(t) = 6`` is unchanged and every scale reaches 1 together when
 the schedule decays to 1.
 
+Multi-head models (a detector's feature, class and box heads): ``head_temperatures``
+gives a head its own reference temperature(s) ``T_h``; the same affine map moves them,
+``T_h(t) = 1 + (T_h − 1) · (T(t) − 1) / (T_ref − 1)``, so at ``T(t) = T_ref`` every head
+is at its recipe value and all reach 1 together (the seed's detection case: feature
+T = 5, head T = 3, then a fine-tune stage at T = 1). A head's multi-scale weights follow
+the coupling rule from uniform base weights. :meth:`TemperateLoss.follow
+<qtemperate.losses.TemperateLoss.follow>` hands a state's shared and per-head
+temperatures to the loss.
+
+Step-level use: ``step`` takes a real epoch (``3.25``: a quarter into epoch 3). A
+stage whose schedule has ``fractional_epochs`` (``temperate``, ``constant``,
+``lookup_table``) then moves within the epoch (the Temperate cosine decays per update,
+agreeing with the per-epoch values at whole epochs); other schedules get the whole
+epoch. With ``updates_per_epoch`` set, :meth:`JointScheduler.step_update` does this from
+the update count: update ``n`` (updates done before it, counted from 0 over the run)
+trains at epoch ``n / updates_per_epoch``.
+
 Each stage's schedule is built through the registry, never by kind:
 ``TEMPERATURE_SCHEDULES.get(stage.schedule).for_stage(StageContext(...), **stage.schedule_kwargs)``,
 and stepped through the one interface: :meth:`JointScheduler.step` calls
@@ -41,14 +58,14 @@ Example (your own QAT loop)::
         st = sched.step(epoch, val_loss)
         if st.stage_started and st.quantized:
             set_bit_width(qmodel, st.weight_bits, st.act_bits)
-        loss_fn.set_temperatures(st.temperatures, st.weights)
+        loss_fn.follow(st)                      # shared and per-head temperatures, weights
         for x, y in loader:
             ...  # forward, backward
-            updates += 1
             if sched.wants_grad_norm:
                 st = sched.step_update(updates, clip_grad_norm_(qmodel.parameters(), 5.0))
-                loss_fn.set_temperatures(st.temperatures, st.weights)
+                loss_fn.follow(st)
             ...  # optimizer step
+            updates += 1
         val_loss = evaluate(...)
 """
 
@@ -83,6 +100,12 @@ __all__ = [
 ]
 
 _ANCHOR = 1.0  # the temperature that leaves logits unsoftened; fixed by the affine map
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"num_updates must be an integer >= 0, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -132,7 +155,13 @@ class BitStage:
 
 @dataclass(frozen=True)
 class StageState:
-    """What the scheduler says for one epoch (and, for ``gradient_norm``, one step)."""
+    """What the scheduler says for one epoch (and, stepped per update, one update).
+
+    ``epoch`` is the whole epoch and ``epoch_fraction`` how far into it the state is
+    (0 for per-epoch use). ``head_temperatures`` / ``head_weights`` hold each
+    configured head's current temperatures and their multi-scale weights (empty
+    without ``head_temperatures``).
+    """
 
     epoch: int
     stage_index: int
@@ -147,9 +176,22 @@ class StageState:
     weights: tuple[float, ...]
     lr: float | None
     phase: str
+    epoch_fraction: float = 0.0
+    head_temperatures: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    head_weights: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> StageState:
+        """Inverse of :meth:`to_dict` (lists back to tuples; older states lack the head fields)."""
+        d = dict(state)
+        d["temperatures"] = tuple(d["temperatures"])
+        d["weights"] = tuple(d["weights"])
+        for key in ("head_temperatures", "head_weights"):
+            d[key] = {h: tuple(v) for h, v in d.get(key, {}).items()}
+        return cls(**d)
 
 
 class CouplingRule:
@@ -216,6 +258,11 @@ class JointScheduler:
         coupling: The :class:`CouplingRule` (default :class:`BitDropCoupling`).
         min_temperature: Lower clamp of every temperature.
         max_temperature: Upper clamp of every temperature.
+        head_temperatures: Reference temperature(s) per output head of a multi-head
+            model, moved with the schedule (see the module docstring); needs
+            ``max(temperatures) > 1``.
+        updates_per_epoch: Optimizer updates per epoch; when given, :meth:`step_update`
+            moves epoch-driven schedules within the epoch.
 
     The state is minimal: each stage's schedule state and the last epoch stepped.
     ``step(epoch, val_loss)`` is idempotent for an epoch, so a resumed run calls it
@@ -234,6 +281,8 @@ class JointScheduler:
         coupling: CouplingRule | None = None,
         min_temperature: float = 1.0,
         max_temperature: float = 10.0,
+        head_temperatures: Mapping[str, float | Sequence[float]] | None = None,
+        updates_per_epoch: int | None = None,
     ) -> None:
         if not stages:
             raise ValueError("stages must not be empty")
@@ -249,6 +298,13 @@ class JointScheduler:
         self.min_temperature = float(min_temperature)
         self.max_temperature = float(max_temperature)
         self.reference_temperature = max(temps)
+        self.head_reference = self._check_heads(head_temperatures)
+        if updates_per_epoch is not None and (
+            isinstance(updates_per_epoch, bool) or not isinstance(updates_per_epoch, int)
+            or updates_per_epoch < 1
+        ):
+            raise ValueError(f"updates_per_epoch must be an integer >= 1, got {updates_per_epoch!r}")
+        self.updates_per_epoch = updates_per_epoch
 
         self._starts: list[int] = []
         total = 0
@@ -260,11 +316,41 @@ class JointScheduler:
             self.coupling.stage_weights(self.base_temperatures, self.base_weights, st)
             for st in self.stages
         ]
+        self._head_weights = [
+            {
+                h: self.coupling.stage_weights(ref, normalize_weights(None, len(ref)), st)
+                for h, ref in self.head_reference.items()
+            }
+            for st in self.stages
+        ]
         self._schedules: list[TemperatureSchedule] = [self._build(i) for i in range(len(self.stages))]
         self._last: StageState | None = None
 
+    def _check_heads(
+        self, heads: Mapping[str, float | Sequence[float]] | None
+    ) -> dict[str, tuple[float, ...]]:
+        if heads is None:
+            return {}
+        if not isinstance(heads, Mapping):
+            raise ValueError(f"head_temperatures must be a dict head -> temperature(s), got {heads!r}")
+        out: dict[str, tuple[float, ...]] = {}
+        for head, temps in heads.items():
+            values = (temps,) if isinstance(temps, (int, float)) else tuple(temps)
+            if not values or any(
+                isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0
+                for t in values
+            ):
+                raise ValueError(f"head_temperatures[{head!r}] must be positive numbers, got {temps!r}")
+            out[str(head)] = tuple(float(t) for t in values)
+        if out and self.reference_temperature == _ANCHOR:
+            raise ValueError(
+                "head_temperatures need max(temperatures) > 1: head temperatures move with the "
+                "schedule relative to it"
+            )
+        return out
+
     @classmethod
-    def from_recipe(cls, recipe: Recipe) -> JointScheduler:
+    def from_recipe(cls, recipe: Recipe, updates_per_epoch: int | None = None) -> JointScheduler:
         """The scheduler a :class:`~qtemperate.recipe.Recipe` describes.
 
         One :class:`BitStage` per recipe stage (its label, epochs, bits, lr, and its
@@ -272,7 +358,7 @@ class JointScheduler:
         temperatures and weights, and the coupling: ``bit_drop`` →
         :class:`BitDropCoupling` with ``temperature_step_per_halving`` and
         ``weight_shift``, ``none`` → :class:`NoCoupling`. The clamps are the defaults
-        (1 and 10).
+        (1 and 10). ``distillation.head_temperatures`` become the per-head references.
         """
         stages = [
             BitStage(
@@ -292,7 +378,8 @@ class JointScheduler:
             if dist.coupling == "none"
             else BitDropCoupling(step=dist.temperature_step_per_halving, shift=dist.weight_shift)
         )
-        return cls(stages, dist.temperatures, dist.weights, coupling)
+        return cls(stages, dist.temperatures, dist.weights, coupling,
+                   head_temperatures=dist.head_temperatures, updates_per_epoch=updates_per_epoch)
 
     # -- construction -------------------------------------------------------------
     def start_temperature(self, stage_index: int) -> float:
@@ -358,24 +445,41 @@ class JointScheduler:
         """The per-stage temperature schedule (stage-local epochs)."""
         return self._schedules[stage_index]
 
-    def scale_temperatures(self, temperature: float) -> tuple[float, ...]:
-        """Map the scalar schedule temperature onto the multi-scale set.
+    def scale_temperatures(
+        self, temperature: float, reference: Sequence[float] | None = None
+    ) -> tuple[float, ...]:
+        """Map the scalar schedule temperature onto a set of reference temperatures.
 
         ``T_i = 1 + (T_i^ref − 1) · (T − 1) / (T_ref − 1)``, clamped to [min, max];
         with a single reference temperature (or ``T_ref = 1``) every scale is ``T``.
+
+        Args:
+            temperature: The schedule's temperature ``T``.
+            reference: The reference set (default: the multi-scale ``temperatures``;
+                a head's ``head_temperatures`` for that head).
         """
         ref = self.reference_temperature
-        if len(self.base_temperatures) == 1 or ref == _ANCHOR:
-            out = [temperature] * len(self.base_temperatures)
+        base = self.base_temperatures if reference is None else tuple(reference)
+        if (reference is None and len(base) == 1) or ref == _ANCHOR:
+            out = [temperature] * len(base)
         else:
             frac = (temperature - _ANCHOR) / (ref - _ANCHOR)
-            out = [_ANCHOR + (t - _ANCHOR) * frac for t in self.base_temperatures]
+            out = [_ANCHOR + (t - _ANCHOR) * frac for t in base]
         return tuple(min(max(t, self.min_temperature), self.max_temperature) for t in out)
 
     @property
     def state(self) -> StageState | None:
         """The last state returned by :meth:`step` or :meth:`step_update`."""
         return self._last
+
+    @property
+    def moves_per_update(self) -> bool:
+        """Whether :meth:`step_update` can move T in the current stage: its schedule reads
+        the gradient norm, or it is epoch-driven with ``fractional_epochs`` and
+        ``updates_per_epoch`` is set (step-level use)."""
+        idx = 0 if self._last is None else self._last.stage_index
+        sched = self._schedules[idx]
+        return sched.uses_grad_norm or (self.updates_per_epoch is not None and sched.fractional_epochs)
 
     @property
     def wants_grad_norm(self) -> bool:
@@ -389,43 +493,67 @@ class JointScheduler:
         return self._schedules[idx].uses_grad_norm
 
     # -- stepping -----------------------------------------------------------------
-    def step(self, epoch: int, val_loss: float | None = None) -> StageState:
+    def step(self, epoch: float, val_loss: float | None = None) -> StageState:
         """Advance to global ``epoch`` and return what to train it with.
 
         Args:
-            epoch: Global 0-based epoch.
+            epoch: Global 0-based epoch; a real number (``3.25``) for step-level use:
+                the stage and bits are those of its whole part, and a schedule with
+                ``fractional_epochs`` moves within the epoch (others get the whole epoch).
             val_loss: The latest validation loss (drives the adaptive phase and the
-                plateau trigger of a ``temperate`` stage).
+                plateau trigger of a ``temperate`` stage; read at the first step of an
+                epoch).
         """
-        idx = self.stage_index(epoch)
-        local = epoch - self._starts[idx]
-        temperature = self._schedules[idx].step(local, val_loss)
-        self._last = self._state(epoch, idx, local, float(temperature))
+        e = self._check_epoch(epoch)
+        whole = math.floor(e)
+        idx = self.stage_index(whole)
+        local = whole - self._starts[idx]
+        sched = self._schedules[idx]
+        at = local + (e - whole) if sched.fractional_epochs else local
+        temperature = sched.step(at, val_loss)
+        self._last = self._state(whole, idx, local, float(temperature), e - whole)
         return self._last
 
     def step_update(self, num_updates: int, grad_norm: float | None = None) -> StageState:
         """Observe one optimizer update of the current epoch and return what to train with.
 
-        Calls ``schedule.step_update(num_updates, grad_norm)`` on the current stage's
-        schedule: a ``gradient_norm`` stage moves T here, the others keep it (and
-        then the same :class:`StageState` is returned).
+        With ``updates_per_epoch`` set and a current stage whose schedule has
+        ``fractional_epochs``, T moves to epoch ``num_updates / updates_per_epoch``
+        (:meth:`step` with that real epoch; it must lie in the epoch last stepped).
+        Then ``schedule.step_update(num_updates, grad_norm)`` is called on the current
+        stage's schedule: a ``gradient_norm`` stage moves T here, the others keep it
+        (and then the same :class:`StageState` is returned).
 
         Args:
-            num_updates: Optimizer updates done so far in the run.
+            num_updates: Optimizer updates done before this one in the run (0 for the
+                first update).
             grad_norm: The student's gradient norm (float or 0-dim tensor); required
                 when :attr:`wants_grad_norm`, else ignored.
 
         Raises:
             RuntimeError: before the first :meth:`step`.
-            ValueError: for a missing or bad ``grad_norm`` where one is needed.
+            ValueError: for a missing or bad ``grad_norm`` where one is needed, or an
+                update count outside the epoch last stepped.
         """
         last = self._last
         if last is None:
             raise RuntimeError("call step(epoch) before step_update()")
-        t = float(self._schedules[last.stage_index].step_update(num_updates, grad_norm))
+        sched = self._schedules[last.stage_index]
+        upe = self.updates_per_epoch
+        if upe is not None and sched.fractional_epochs:
+            n = _count(num_updates)
+            if n // upe != last.epoch:
+                raise ValueError(
+                    f"update {n} is in epoch {n // upe} at updates_per_epoch={upe}, but the "
+                    f"scheduler was stepped to epoch {last.epoch}; call step(epoch) at each "
+                    "epoch start and count updates from 0 over the run"
+                )
+            last = self.step(n / upe)
+        t = float(sched.step_update(num_updates, grad_norm))
         if t != last.temperature:
-            self._last = self._state(last.epoch, last.stage_index, last.epoch_in_stage, t)
-        return self._last
+            last = self._state(last.epoch, last.stage_index, last.epoch_in_stage, t, last.epoch_fraction)
+        self._last = last
+        return last
 
     def observe_grad_norm(self, grad_norm: float) -> StageState:
         """Deprecated alias of :meth:`step_update` (removed in 0.2.0).
@@ -445,7 +573,9 @@ class JointScheduler:
             return self._last
         return self.step_update(0, grad_norm)
 
-    def _state(self, epoch: int, idx: int, local: int, temperature: float) -> StageState:
+    def _state(
+        self, epoch: int, idx: int, local: int, temperature: float, fraction: float = 0.0
+    ) -> StageState:
         st = self.stages[idx]
         sched = self._schedules[idx]
         return StageState(
@@ -462,13 +592,19 @@ class JointScheduler:
             weights=self._stage_weights[idx],
             lr=st.lr,
             phase=str(getattr(sched, "phase", st.schedule)),
+            epoch_fraction=fraction,
+            head_temperatures={
+                h: self.scale_temperatures(temperature, ref) for h, ref in self.head_reference.items()
+            },
+            head_weights=dict(self._head_weights[idx]),
         )
 
-    def _check_epoch(self, epoch: int) -> None:
-        if not isinstance(epoch, int) or isinstance(epoch, bool):
-            raise ValueError(f"epoch must be an int, got {epoch!r}")
+    def _check_epoch(self, epoch: float) -> float:
+        if not isinstance(epoch, (int, float)) or isinstance(epoch, bool) or not math.isfinite(epoch):
+            raise ValueError(f"epoch must be a number, got {epoch!r}")
         if not 0 <= epoch < self.total_epochs:
             raise ValueError(f"epoch must be in [0, {self.total_epochs}), got {epoch}")
+        return float(epoch)
 
     # -- persistence --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -491,7 +627,4 @@ class JointScheduler:
         if last is None:
             self._last = None
         else:
-            last = dict(last)
-            last["temperatures"] = tuple(last["temperatures"])
-            last["weights"] = tuple(last["weights"])
-            self._last = StageState(**last)
+            self._last = StageState.from_dict(last)

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtemperate._validation import positive_number
+from qtemperate.heads import Task
+
+if TYPE_CHECKING:
+    from qtemperate.recipe import Recipe
 
 __all__ = [
     "TemperateLoss",
@@ -272,7 +277,16 @@ class TemperateLoss(nn.Module):
     distilled at all, e.g. a box-regression head). A head listed in
     ``head_temperatures`` uses those temperatures (uniform λ unless changed with
     ``set_temperatures(..., head=h)``); every other head follows the shared
-    :attr:`temperatures`, which the schedule updates.
+    :attr:`temperatures`, which the schedule updates (:meth:`follow` sets both from a
+    :class:`~qtemperate.joint_scheduler.StageState`).
+
+    The task term: with a ``task`` (:class:`~qtemperate.heads.Task`: a loss, target
+    and weight per head, e.g. cross-entropy on ``logits`` against ``labels`` and
+    smooth-L1 on ``boxes`` against ``boxes``) ``CE`` above is replaced by
+    ``Σ_h w_h · L_h(student_h, target_h)`` and ``labels`` is the batch's targets (a
+    dict of tensors, or the class-label tensor); the parts then include
+    ``task_{head}``. A regression head is trained by its task loss only: give it
+    ``head_weights`` 0 (the softmax KD does not apply to it).
 
     Returned parts (all 0-dim tensors): ``loss``, ``task_loss``, ``kd_loss`` and,
     for tensor outputs, ``kd_T{T:g}`` per temperature (e.g. ``kd_T4``,
@@ -286,7 +300,9 @@ class TemperateLoss(nn.Module):
         weights: weights of the shared temperatures (``None``: uniform).
         head_temperatures: per-head temperature overrides for dict outputs.
         head_weights: per-head raw weights for dict outputs (``None``: uniform).
-        task_head: the head that receives the cross-entropy in dict outputs.
+        task_head: the head that receives the cross-entropy in dict outputs (without
+            ``task``).
+        task: per-head task losses for dict outputs (see above).
 
     Raises:
         ValueError: for any bad argument, naming it.
@@ -301,8 +317,12 @@ class TemperateLoss(nn.Module):
         head_temperatures: Mapping[str, float | Sequence[float]] | None = None,
         head_weights: Mapping[str, float] | None = None,
         task_head: str = "logits",
+        task: Task | None = None,
     ) -> None:
         super().__init__()
+        if task is not None and not isinstance(task, Task):
+            raise ValueError(f"task must be a qtemperate.heads.Task, got {task!r}")
+        self.task = task if task is not None and task.multi_head else None
         self.kd_weight = _check_kd_weight(kd_weight)
         self._temperatures: tuple[float, ...] = ()
         self._weights: tuple[float, ...] = ()
@@ -380,6 +400,30 @@ class TemperateLoss(nn.Module):
                 raise ValueError(f"head must be a string, got {head!r}")
             self._head_temperatures[head] = (temps, lam)
 
+    def follow(self, state: Any) -> None:
+        """Take the temperatures of a scheduler state (shared set and every head's).
+
+        ``state`` is a :class:`~qtemperate.joint_scheduler.StageState` (or anything with
+        ``temperatures``, ``weights`` and, for multi-head models, ``head_temperatures``
+        and ``head_weights`` mappings).
+        """
+        self.set_temperatures(state.temperatures, state.weights)
+        head_weights = getattr(state, "head_weights", {}) or {}
+        for head, temps in (getattr(state, "head_temperatures", {}) or {}).items():
+            self.set_temperatures(temps, head_weights.get(head), head=head)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> TemperateLoss:
+        """The loss a recipe describes: ``distillation`` (kd_weight, temperatures, weights,
+        head_temperatures, head_weights) and the ``task`` section."""
+        d = recipe.distillation
+        task = Task.from_recipe(recipe)
+        return cls(
+            kd_weight=d.kd_weight, temperatures=tuple(d.temperatures), weights=d.weights,
+            head_temperatures=d.head_temperatures, head_weights=d.head_weights,
+            task_head=task.accuracy_head or "logits", task=task,
+        )
+
     def set_kd_weight(self, kd_weight: float) -> None:
         """Set the weight of the KD term (in ``[0, 1]``)."""
         self.kd_weight = _check_kd_weight(kd_weight)
@@ -391,7 +435,7 @@ class TemperateLoss(nn.Module):
         self,
         student_out: Tensor | Mapping[str, Tensor],
         teacher_out: Tensor | Mapping[str, Tensor],
-        labels: Tensor,
+        labels: Tensor | Mapping[str, Tensor],
     ) -> dict[str, Tensor]:
         """Compute the loss and its parts (see the class docstring for the formula).
 
@@ -408,11 +452,15 @@ class TemperateLoss(nn.Module):
                 student_out, teacher_out, self._temperatures, self._weights
             )
             out = {f"kd_T{t:g}": p for t, p in zip(self._temperatures, parts)}
-            task = F.cross_entropy(student_out, labels)
+            task = F.cross_entropy(student_out, labels)  # type: ignore[arg-type]
         else:
             assert isinstance(student_out, Mapping) and isinstance(teacher_out, Mapping)
             kd, out = self._dict_kd(student_out, teacher_out)
-            task = F.cross_entropy(student_out[self.task_head], labels)
+            if self.task is not None:
+                task, task_parts = self.task.loss(student_out, labels)
+                out.update(task_parts)
+            else:
+                task = F.cross_entropy(student_out[self.task_head], labels)
         w = self.kd_weight
         loss = (1.0 - w) * task + w * kd
         return {"loss": loss, "task_loss": task, "kd_loss": kd, **out}
@@ -426,7 +474,7 @@ class TemperateLoss(nn.Module):
         for head in teacher_out:
             if head not in student_out:
                 raise ValueError(f"head {head!r} is in teacher_out but not in student_out")
-        if self.task_head not in student_out:
+        if self.task is None and self.task_head not in student_out:
             raise ValueError(f"task_head {self.task_head!r} is not among the output heads")
         for name, mapping in (
             ("head_temperatures", self._head_temperatures),

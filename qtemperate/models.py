@@ -18,13 +18,18 @@ without torchvision being installed.
 
 Names that are not registered are resolved as ``torchvision.models.<name>`` (when
 torchvision is importable) or as a dotted import path ``pkg.module:factory`` /
-``pkg.module.factory``.
+``pkg.module.factory``; :func:`resolve_model` can search extra folders first (a
+recipe's folder and the working directory, see
+:func:`qtemperate.training.architecture.model_search_path`).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from os import PathLike
 
 import torch
 from torch import nn
@@ -40,8 +45,10 @@ __all__ = [
     "ImageNetResNet",
     "ResidualAdd",
     "SmallCNN",
+    "TinyDetector",
     "build_model",
     "list_models",
+    "resolve_model",
 ]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -307,6 +314,50 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class TinyDetector(nn.Module):
+    """A toy single-object detector with three heads, for multi-output pipelines.
+
+    ``3 conv-bn-relu (strides 1, 2, 2) -> 3x3 adaptive avg pool -> flatten`` feeds three
+    linear heads and :meth:`forward` returns ``{"features": (B, feature_dim),
+    "logits": (B, num_classes), "boxes": (B, 4)}``: an embedding (distilled as a
+    feature head), the class logits and the box ``(cx, cy, w, h)`` regressed in units
+    of the image size. The 3x3 pool keeps coarse position, which the box head needs.
+
+    Args:
+        num_classes: Classes of the class head.
+        in_channels: Input image channels.
+        width: Channels of the first conv (then ``2 * width``).
+        feature_dim: Width of the feature head.
+    """
+
+    def __init__(self, num_classes: int = 3, in_channels: int = 1, width: int = 16, feature_dim: int = 32):
+        super().__init__()
+        _check_positive(num_classes=num_classes, in_channels=in_channels, width=width, feature_dim=feature_dim)
+        self.conv1 = _conv3x3(in_channels, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(width, 2 * width, stride=2)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = _conv3x3(2 * width, 2 * width, stride=2)
+        self.bn3 = nn.BatchNorm2d(2 * width)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        flat = 2 * width * 9
+        self.features = nn.Linear(flat, feature_dim)
+        self.logits = nn.Linear(flat, num_classes)
+        self.boxes = nn.Linear(flat, 4)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return the ``features``, ``logits`` and ``boxes`` heads."""
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        x = torch.flatten(self.pool(x), 1)
+        return {"features": self.features(x), "logits": self.logits(x), "boxes": self.boxes(x)}
+
+
 # ---------------------------------------------------------------------------
 # Registered factories
 # ---------------------------------------------------------------------------
@@ -355,6 +406,14 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> S
     return SmallCNN(num_classes, in_channels, width)
 
 
+@MODELS.register("tiny_detector")
+def tiny_detector(
+    num_classes: int = 3, in_channels: int = 1, width: int = 16, feature_dim: int = 32
+) -> TinyDetector:
+    """Toy detector returning ``features``, ``logits`` and ``boxes`` heads (a dict)."""
+    return TinyDetector(num_classes, in_channels, width, feature_dim)
+
+
 def list_models() -> list[str]:
     """Sorted names of the registered models."""
     return MODELS.keys()
@@ -375,25 +434,75 @@ def _resolve_torchvision(attr: str) -> Callable[..., nn.Module] | None:
     return factory if callable(factory) else None
 
 
-def _resolve_import_path(name: str) -> Callable[..., nn.Module]:
+@contextmanager
+def _searching(folders: Sequence[str | PathLike[str]]) -> Iterator[None]:
+    """``folders`` in front of ``sys.path`` while importing (restored afterwards)."""
+    added = [str(f) for f in folders if str(f) not in sys.path]
+    sys.path[:0] = added
+    importlib.invalidate_caches()  # folders written after start-up (tests, notebooks)
+    try:
+        yield
+    finally:
+        for f in added:
+            sys.path.remove(f)
+
+
+def _resolve_import_path(
+    name: str, search_path: Sequence[str | PathLike[str]] = ()
+) -> Callable[..., nn.Module]:
     if ":" in name:
         module_name, _, attr = name.partition(":")
     else:
         module_name, _, attr = name.rpartition(".")
     if not module_name or not attr:
         raise _unknown(name, "not an import path 'pkg.module:factory'")
+    where = f"; searched {', '.join(str(f) for f in search_path)} and sys.path" if search_path else ""
     try:
-        module = importlib.import_module(module_name)
+        with _searching(search_path):
+            module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise _unknown(name, f"cannot import {module_name!r}: {exc}") from exc
+        raise _unknown(name, f"cannot import module {module_name!r}: {exc}{where}") from exc
     obj: object = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise _unknown(name, f"{module_name!r} has no attribute {attr!r}")
+            raise _unknown(name, f"module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise _unknown(name, f"{name!r} is not callable")
     return obj
+
+
+def resolve_model(
+    name: str, search_path: Sequence[str | PathLike[str]] = ()
+) -> Callable[..., nn.Module]:
+    """The factory a model name stands for, without calling it.
+
+    Resolution order: the :data:`MODELS` registry; ``torchvision.models.<name>`` (for
+    names of that form, or bare names, when torchvision is importable); an import path
+    ``pkg.module:factory`` or ``pkg.module.factory``, imported with the folders of
+    ``search_path`` in front of ``sys.path``.
+
+    Raises:
+        ValueError: if ``name`` is not a non-empty string.
+        KeyError: if ``name`` cannot be resolved; the message says why (unknown name
+            listing the known ones, a module that cannot be imported and where it was
+            searched, a missing attribute).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if name in MODELS:
+        return MODELS.get(name)
+    if name.startswith("torchvision.models."):
+        tv_factory = _resolve_torchvision(name[len("torchvision.models.") :])
+        if tv_factory is None:
+            raise _unknown(name, "torchvision is not importable or has no such model")
+        return tv_factory
+    if "." not in name and ":" not in name:
+        tv_factory = _resolve_torchvision(name)
+        if tv_factory is None:
+            raise _unknown(name)
+        return tv_factory
+    return _resolve_import_path(name, search_path)
 
 
 def build_model(name: str, **kwargs: object) -> nn.Module:
@@ -415,23 +524,7 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
         ValueError: if ``name`` is not a non-empty string.
         KeyError: if ``name`` cannot be resolved; the message lists known names.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-    if name in MODELS:
-        factory = MODELS.get(name)
-    elif name.startswith("torchvision.models."):
-        attr = name[len("torchvision.models.") :]
-        tv_factory = _resolve_torchvision(attr)
-        if tv_factory is None:
-            raise _unknown(name, "torchvision is not importable or has no such model")
-        factory = tv_factory
-    elif "." not in name and ":" not in name:
-        tv_factory = _resolve_torchvision(name)
-        if tv_factory is None:
-            raise _unknown(name)
-        factory = tv_factory
-    else:
-        factory = _resolve_import_path(name)
+    factory = resolve_model(name)
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"name {name!r} resolved to a factory that returned {type(model)!r}")

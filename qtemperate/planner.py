@@ -263,12 +263,12 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
     MACs, bytes and ``compression_ratio`` (student bytes / teacher float bytes).
     """
     from qtemperate.preflight import dataset_info
-    from qtemperate.training.architecture import build_for_data
+    from qtemperate.training.architecture import build_recipe_model
     from qtemperate.training.student import derive_student
 
     t0 = time.perf_counter()
     info = dataset_info(recipe.data.name, recipe.data.kwargs)
-    teacher = build_for_data(recipe.teacher.model, recipe.teacher.kwargs, info.num_classes, info.in_channels).eval()
+    teacher = build_recipe_model(recipe, "teacher", info.num_classes, info.in_channels).eval()
     example = torch.randn(1, info.in_channels, *info.image_size)
     s = recipe.student
     t_size = model_size(teacher, example)

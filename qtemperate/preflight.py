@@ -4,6 +4,13 @@ Schema problems are caught by :mod:`qtemperate.recipe`; this module checks the
 world the recipe points at (data folders, checkpoints, the teacher's class count),
 so a bad run fails in a second with one line naming the field or file, and never
 after an hour of training.
+
+The models are built as a run builds them (import paths resolved from the recipe's
+folder and the working directory, each factory given only the keyword arguments it
+takes) and each runs one forward pass of a batch shaped like the data
+(:func:`qtemperate.training.architecture.check_model`): a bad import path, a missing
+factory, an incompatible signature or a model that does not fit the data is reported
+here, by ``validate --check-files`` and by ``run`` before its run folder exists.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from qtemperate.data import DatasetOptionError, check_data_available
 from qtemperate.data import dataset_info as _dataset_info
 from qtemperate.recipe import Recipe, RecipeError
 
-__all__ = ["DatasetInfo", "dataset_info", "preflight"]
+__all__ = ["DatasetInfo", "check_models", "dataset_info", "preflight"]
 
 
 def dataset_info(name: str, kwargs: dict[str, Any] | None = None) -> DatasetInfo:
@@ -59,14 +66,12 @@ def preflight(recipe: Recipe, check_data: bool = True) -> DatasetInfo:
     folder/files exist (no downloads), the teacher checkpoint exists and loads, its
     classifier width equals the dataset's class count (as the dataset states it for
     these options, e.g. 20 for cifar100 ``label_mode: coarse``), an explicit
-    ``num_classes`` in teacher/student kwargs agrees with the data, and model names
-    resolve.
+    ``num_classes`` in teacher/student kwargs agrees with the data, and the models
+    build and fit the data (:func:`check_models`).
 
     Returns:
         The dataset's facts.
     """
-    from qtemperate.models import MODELS
-
     info = dataset_info(recipe.data.name, recipe.data.kwargs)
     if check_data:
         try:
@@ -81,9 +86,7 @@ def preflight(recipe: Recipe, check_data: bool = True) -> DatasetInfo:
                 f"{section}.kwargs.num_classes: {n} but data {recipe.data.name!r} has "
                 f"{info.num_classes} classes"
             )
-        name = cfg.model
-        if name is not None and name not in MODELS and ":" not in name and "." not in name:
-            raise RecipeError(f"{section}.model: unknown model {name!r}; known: {', '.join(MODELS.keys())}")
+    check_models(recipe, info)
     ckpt = recipe.teacher.checkpoint
     if ckpt is not None:
         path = Path(ckpt)
@@ -104,3 +107,59 @@ def preflight(recipe: Recipe, check_data: bool = True) -> DatasetInfo:
                 f"{recipe.data.name!r} has {info.num_classes} classes ({path})"
             )
     return info
+
+
+def check_models(recipe: Recipe, info: DatasetInfo) -> None:
+    """Build the teacher (and ``student.model``) as a run would and check they fit.
+
+    Each model runs one forward pass of a batch shaped like the data; the outputs must
+    match the class count, or, with a ``task`` section, hold the scored head and every
+    head the recipe names (``task.losses``, ``distillation.head_temperatures`` /
+    ``head_weights``); a student with its own architecture must have the teacher's
+    heads with the same shapes where they are distilled. Pruning a multi-output model
+    is refused (the pruner would prune its output heads).
+
+    Raises:
+        RecipeError: naming the field (``teacher.model``, ``student.kwargs.depth``,
+            ``task.accuracy_head``, ``distillation.head_weights`` ...).
+    """
+    from qtemperate.heads import Task
+    from qtemperate.training.architecture import build_recipe_model, check_model
+
+    task = Task.from_recipe(recipe)
+    data = repr(recipe.data.name)
+    teacher = build_recipe_model(recipe, "teacher", info.num_classes, info.in_channels)
+    t_out = check_model(teacher, info, task, "teacher", data)
+    if not task.multi_head:
+        if recipe.student.model is not None:
+            check_model(build_recipe_model(recipe, "student", info.num_classes, info.in_channels),
+                        info, task, "student", data)
+        return
+    d = recipe.distillation
+    heads = ", ".join(t_out)
+    for key in ("head_temperatures", "head_weights"):
+        for head in getattr(d, key) or {}:
+            if head not in t_out:
+                raise RecipeError(f"distillation.{key}.{head}: {head!r} is not a head of teacher.model ({heads})")
+    weights = d.head_weights or {}
+    distilled = [h for h in t_out if weights.get(h, 1.0) > 0]
+    if not distilled:
+        raise RecipeError("distillation.head_weights: every head has weight 0, so nothing is distilled")
+    s = recipe.student
+    if s.model is None or s.prune_ratio is not None or s.target_size_ratio is not None:
+        raise RecipeError(
+            "student: pruning a multi-output model is not supported (the pruner keeps only the last "
+            "layer's outputs and would prune output heads); give the student its own architecture "
+            "(student.model) without prune_ratio / target_size_ratio"
+        )
+    s_out = check_model(build_recipe_model(recipe, "student", info.num_classes, info.in_channels),
+                        info, task, "student", data)
+    if set(s_out) != set(t_out):
+        raise RecipeError(f"student.model: heads ({', '.join(s_out)}) differ from the teacher's ({heads})")
+    for head in distilled:
+        if s_out[head].shape != t_out[head].shape:
+            raise RecipeError(
+                f"student.model: head {head!r} has shape {tuple(s_out[head].shape)} but the teacher's has "
+                f"{tuple(t_out[head].shape)}; a distilled head needs the same shape "
+                f"(or give it distillation.head_weights.{head}: 0)"
+            )

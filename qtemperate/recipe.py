@@ -20,8 +20,10 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializeAsAny,
     Strict,
     ValidationError,
@@ -46,6 +48,8 @@ __all__ = [
     "RecipeError",
     "StageConfig",
     "StudentConfig",
+    "TaskConfig",
+    "TaskLossConfig",
     "TeacherConfig",
     "TeacherTrainConfig",
     "TemperatureConfig",
@@ -308,11 +312,29 @@ class DataConfig(_Strict):
 
 
 class DistillationConfig(_Strict):
-    """The Temperate loss and the bit-drop coupling rule of the joint scheduler."""
+    """The Temperate loss and the bit-drop coupling rule of the joint scheduler.
+
+    Multi-head models (with a ``task`` section): ``head_temperatures`` gives a head its
+    own reference temperature(s), moved by the schedule like ``temperatures`` (at
+    ``T(t) = max(temperatures)`` a head is at its recipe value; all reach 1 together);
+    ``head_weights`` weighs each head's KD (normalised; a head left out has weight 1,
+    weight 0 is not distilled). See :mod:`qtemperate.joint_scheduler`.
+    """
 
     kd_weight: float = Field(default=0.9, ge=0, le=1)
     temperatures: list[float] = Field(default_factory=lambda: [4.0], min_length=1)
     weights: list[float] | None = None
+    head_temperatures: dict[str, float | list[float]] | None = None
+    head_weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+
+    @field_validator("head_temperatures")
+    @classmethod
+    def _head_t(cls, v: dict[str, float | list[float]] | None) -> dict[str, float | list[float]] | None:
+        for head, temps in (v or {}).items():
+            values = temps if isinstance(temps, list) else [temps]
+            if not values or any(not math.isfinite(t) or t <= 0 for t in values):
+                raise ValueError(f"{head}: temperatures must be finite and > 0 (one or a list), got {temps!r}")
+        return v
     coupling: Literal["bit_drop", "none"] = "bit_drop"
     temperature_step_per_halving: float = Field(default=1.0, ge=0)
     weight_shift: float = Field(default=0.25, ge=0)
@@ -341,6 +363,50 @@ class DistillationConfig(_Strict):
             raise ValueError(
                 f"weights has {len(self.weights)} entries but temperatures has {len(self.temperatures)}"
             )
+        return self
+
+
+def _task_loss_name(name: str) -> str:
+    from qtemperate.heads import TASK_LOSSES  # at validation time: user registrations count
+
+    if name not in TASK_LOSSES:
+        raise ValueError(f"unknown task loss {name!r}; known: {', '.join(TASK_LOSSES.keys())}")
+    return name
+
+
+class TaskLossConfig(_Strict):
+    """The task loss of one head: a loss, the dataset target it compares with, a weight.
+
+    ``target`` defaults to ``labels`` (the class labels) for ``cross_entropy`` and to
+    the head's own name otherwise (``boxes: smooth_l1`` compares with target ``boxes``).
+    A bare loss name is shorthand for ``{loss: <name>}``.
+    """
+
+    loss: Annotated[str, AfterValidator(_task_loss_name)]
+    target: str | None = None
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+
+
+def _loss_shorthand(value: Any) -> Any:
+    return {"loss": value} if isinstance(value, str) else value
+
+
+class TaskConfig(_Strict):
+    """Which output of a multi-output model is scored, and how each head is trained.
+
+    ``accuracy_head`` is compared with the class labels for every reported accuracy;
+    ``losses`` is the task loss of each trained head (see :mod:`qtemperate.heads`).
+    Without this section the model must return one tensor of logits.
+    """
+
+    accuracy_head: str
+    losses: dict[str, Annotated[TaskLossConfig, BeforeValidator(_loss_shorthand)]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _targets(self) -> TaskConfig:
+        for head, cfg in self.losses.items():
+            if cfg.target is None:
+                cfg.target = "labels" if cfg.loss == "cross_entropy" else head
         return self
 
 
@@ -403,6 +469,7 @@ class Recipe(_Strict):
     teacher: TeacherConfig
     student: StudentConfig = Field(default_factory=StudentConfig)
     stages: list[StageConfig] = Field(min_length=1)
+    task: TaskConfig | None = None
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -426,6 +493,41 @@ class Recipe(_Strict):
                 raise ValueError(f"stage {i} raises the bit width; stages must go down in bits")
             prev = st
         return stages
+
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _heads(self) -> Recipe:
+        from qtemperate.heads import REGRESSION_LOSSES
+
+        d = self.distillation
+        for key in ("head_temperatures", "head_weights"):
+            if getattr(d, key) and self.task is None:
+                raise ValueError(
+                    f"distillation.{key}: per-head settings need a multi-output model; add a task "
+                    "section (task.accuracy_head, task.losses)"
+                )
+        if d.head_temperatures and max(d.temperatures) <= 1:
+            raise ValueError(
+                "distillation.head_temperatures: head temperatures move with the schedule relative "
+                "to max(distillation.temperatures), which must be > 1"
+            )
+        if self.task is not None:
+            weights = d.head_weights or {}
+            for head, cfg in self.task.losses.items():
+                if cfg.loss in REGRESSION_LOSSES and weights.get(head, 1.0) > 0:
+                    raise ValueError(
+                        f"distillation.head_weights.{head}: head {head!r} is trained with {cfg.loss} "
+                        "(regression); softmax distillation does not apply to it: give it weight 0"
+                    )
+        return self
+
+    @property
+    def source_dir(self) -> Path | None:
+        """The folder of the recipe file (``None`` for a recipe not read from a file):
+        import paths of user models resolve from it (see
+        :func:`qtemperate.training.architecture.model_search_path`)."""
+        return self._source_dir
 
     @property
     def final_stage(self) -> StageConfig:
@@ -460,6 +562,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     msg = msg.removeprefix("Value error, ")
     more = len(err.errors()) - 1
     tail = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
+    if not first["loc"]:  # a recipe-level check: its message starts with the field path
+        return f"{source}: {msg}{tail}"
     return f"{source}: {loc}: {msg}{tail}"
 
 
@@ -557,4 +661,6 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise RecipeError(f"{p}: malformed YAML{where}") from None
-    return parse_recipe(raw, source=str(p), overrides=overrides)
+    recipe = parse_recipe(raw, source=str(p), overrides=overrides)
+    recipe._source_dir = p.resolve().parent
+    return recipe

@@ -7,6 +7,16 @@ clock explicitly:
 * ``step_update(num_updates, grad_norm=None) -> T`` once per optimizer update
   (:class:`GradientNormTemperature` moves here; the others return T unchanged).
 
+Step-level use of an epoch-driven schedule: a schedule whose
+:attr:`~TemperatureSchedule.fractional_epochs` is true also takes a real epoch
+(``step(3.25)`` a quarter into epoch 3): the per-epoch update (the adaptive rule, the
+plateau trigger) happens once, at the first step of an epoch, and within the epoch only
+what is a function of time moves — :class:`TemperateSchedule`'s cosine decays within
+epochs and agrees with the per-epoch schedule at every whole epoch. The joint scheduler
+(:meth:`~qtemperate.joint_scheduler.JointScheduler.step` with a real epoch, or
+``updates_per_epoch`` and :meth:`~qtemperate.joint_scheduler.JointScheduler.step_update`)
+drives it per optimizer update.
+
 A schedule whose :attr:`~TemperatureSchedule.uses_grad_norm` is true consumes the
 gradient norm per update; a training loop asks that flag (never the kind's name) to
 decide whether to read the norm at all, which costs a host sync on a GPU.
@@ -91,6 +101,16 @@ def _integer(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return int(value)
+
+
+def _real_epoch(value: Any) -> float:
+    """An epoch that may be real (step-level use): a finite number ``≥ 0``, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"epoch must be a number, got {value!r}")
+    e = float(value)
+    if not math.isfinite(e) or e < 0:
+        raise ValueError(f"epoch must be finite and >= 0, got {value!r}")
+    return e
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
@@ -181,6 +201,10 @@ class TemperatureSchedule(ABC):
     uses_grad_norm: ClassVar[bool] = False
     """Whether :meth:`step_update` consumes the gradient norm (so the loop must read it)."""
 
+    fractional_epochs: ClassVar[bool] = False
+    """Whether :meth:`step` takes a real epoch (``3.25``: a quarter into epoch 3) and moves T
+    within an epoch. The joint scheduler hands other schedules whole epochs only."""
+
     Settings: ClassVar[type[ScheduleSettings] | None] = None
     """The recipe block of this schedule (``None``: derived from :meth:`for_stage`)."""
 
@@ -213,7 +237,8 @@ class TemperatureSchedule(ABC):
         """Advance to ``epoch`` (0-based, on the schedule's own clock) and return T.
 
         Args:
-            epoch: The epoch about to be trained.
+            epoch: The epoch about to be trained (a real number where
+                :attr:`fractional_epochs`).
             val_loss: The latest validation loss, for schedules that react to it.
         """
 
@@ -327,6 +352,8 @@ class ConstantTemperature(TemperatureSchedule):
 
         base_temperature: float | None = Field(default=None, gt=0)
 
+    fractional_epochs: ClassVar[bool] = True
+
     def __init__(self, temperature: float = 4.0) -> None:
         self._temperature = positive_number(temperature, "temperature")
         self.min_temperature = self.max_temperature = self._temperature
@@ -392,10 +419,20 @@ class TemperateSchedule(TemperatureSchedule):
     because a stage is short.
 
     ``step`` is idempotent per epoch: calling it again with the same epoch returns
-    the stored temperature without applying the update twice. Epochs must be
-    integers in ``[0, total_epochs)`` and must not decrease; skipping epochs is
-    allowed (the skipped adaptive updates are simply not applied). Before the
-    first step :attr:`temperature` is ``base_temperature``.
+    the stored temperature without applying the update twice. Epochs must be in
+    ``[0, total_epochs)`` and must not decrease; skipping epochs is allowed (the
+    skipped adaptive updates are simply not applied). Before the first step
+    :attr:`temperature` is ``base_temperature``.
+
+    Within an epoch (step-level use): ``epoch`` may be real, ``e = n + f`` with
+    ``n = ⌊e⌋`` and ``0 ≤ f < 1``. The phase and the per-epoch update (warm-up value,
+    adaptive rule, plateau trigger, entering convergence) belong to ``n`` and are
+    applied once, at the first step of epoch ``n`` (the adaptive phase needs
+    ``val_loss`` there); warm-up and adaptive T are constant within the epoch. In the
+    convergence phase the cosine above is evaluated at the real ``k = e − S``, so T
+    decays within epochs, equals the per-epoch value at every whole epoch and is
+    exactly ``min_T`` from ``e = total_epochs − 1`` on. Steps within one epoch may
+    come in any order (the cosine is a pure function of ``e``).
 
     Args:
         total_epochs: number of epochs (≥ 1) of the run or stage.
@@ -442,6 +479,8 @@ class TemperateSchedule(TemperatureSchedule):
             return self
 
     _EPS = 1e-12
+
+    fractional_epochs: ClassVar[bool] = True
 
     @classmethod
     def for_stage(
@@ -561,25 +600,33 @@ class TemperateSchedule(TemperatureSchedule):
         """Phase of the last stepped epoch (of epoch 0 before the first step)."""
         return self.phase_of(0 if self._last_epoch is None else self._last_epoch)
 
-    def step(self, epoch: int, val_loss: float | None = None) -> float:
+    def step(self, epoch: float, val_loss: float | None = None) -> float:
         """Advance to ``epoch`` and return its temperature.
 
         Args:
-            epoch: integer in ``[0, total_epochs)``, not below the last stepped epoch.
-            val_loss: the validation loss; required in the adaptive phase.
+            epoch: in ``[0, total_epochs)``, its whole part not below the last
+                stepped epoch's; a real epoch moves T within the epoch (see the class).
+            val_loss: the validation loss; required at the first step of an
+                adaptive-phase epoch.
 
         Raises:
             ValueError: for a bad epoch, or a missing / non-finite ``val_loss`` in
                 the adaptive phase.
         """
-        epoch = _integer(epoch, "epoch")
-        if not 0 <= epoch < self.total_epochs:
+        e = _real_epoch(epoch)
+        if not 0 <= e < self.total_epochs:
             raise ValueError(f"epoch must be in [0, {self.total_epochs}), got {epoch}")
-        if self._last_epoch is not None:
-            if epoch == self._last_epoch:
-                return self._temperature  # once per epoch: never apply an update twice
-            if epoch < self._last_epoch:
-                raise ValueError(f"epoch must not decrease: got {epoch} after {self._last_epoch}")
+        whole = math.floor(e)
+        if self._last_epoch is not None and whole < self._last_epoch:
+            raise ValueError(f"epoch must not decrease: got {epoch} after {self._last_epoch}")
+        if self._last_epoch is None or whole > self._last_epoch:
+            self._enter_epoch(whole, val_loss)  # once per epoch: never apply an update twice
+        if self.phase_of(whole) == "convergence":
+            self._temperature = self._decay(e)
+        return self._temperature
+
+    def _enter_epoch(self, epoch: int, val_loss: float | None) -> None:
+        """The per-epoch update of ``epoch`` (the first step of that epoch)."""
         phase = self.phase_of(epoch)
         if phase == "warmup":
             if val_loss is not None:
@@ -599,16 +646,20 @@ class TemperateSchedule(TemperatureSchedule):
                 # Entering at the scheduled boundary: T_enter is the last temperature.
                 self._convergence_start = self.convergence_start
                 self._enter_temperature = self._temperature
-            start = self.convergence_start
-            k, big_k = epoch - start, (self.total_epochs - 1) - start
-            lo, t_enter = self.min_temperature, self._enter_temperature
-            if big_k <= 0 or k >= big_k:
-                t = lo  # exactly min_T at the last epoch (cos(π) rounding avoided)
-            else:
-                t = lo + (t_enter - lo) * (1.0 + math.cos(math.pi * k / big_k)) / 2.0
+            t = self._decay(epoch)
         self._temperature = _clamp(t, self.min_temperature, self.max_temperature)
         self._last_epoch = epoch
-        return self._temperature
+
+    def _decay(self, epoch: float) -> float:
+        """The convergence cosine at a (real) epoch ``≥ S``; ``min_T`` from ``total − 1`` on."""
+        assert self._enter_temperature is not None
+        start = self.convergence_start
+        k, big_k = epoch - start, (self.total_epochs - 1) - start
+        lo, t_enter = self.min_temperature, self._enter_temperature
+        if big_k <= 0 or k >= big_k:
+            return lo  # exactly min_T at the last epoch (cos(π) rounding avoided)
+        t = lo + (t_enter - lo) * (1.0 + math.cos(math.pi * k / big_k)) / 2.0
+        return _clamp(t, self.min_temperature, self.max_temperature)
 
     def _update_plateau(self, v: float) -> None:
         prev = self._prev_val_loss
@@ -891,16 +942,18 @@ class LookupTableTemperature(TemperatureSchedule):
     def temperature(self) -> float:
         return self._temperature
 
-    def step(self, epoch: int, val_loss: float | None = None) -> float:
+    fractional_epochs: ClassVar[bool] = True
+
+    def step(self, epoch: float, val_loss: float | None = None) -> float:
         """Return the table entry for ``epoch`` (≥ 0); ``val_loss`` is ignored.
 
-        The ``val_loss`` argument makes this a drop-in replacement for
+        The table holds one temperature per epoch, so a real epoch (step-level use)
+        reads the entry of its whole part: T is constant within an epoch. The
+        ``val_loss`` argument makes this a drop-in replacement for
         :class:`TemperateSchedule` in a training loop.
         """
-        epoch = _integer(epoch, "epoch")
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._temperature = self._table[min(epoch, len(self._table) - 1)]
+        whole = math.floor(_real_epoch(epoch))
+        self._temperature = self._table[min(whole, len(self._table) - 1)]
         return self._temperature
 
     def state_dict(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from torch import nn
 
 from qtemperate.checkpoint import load_checkpoint, save_atomic, save_student
 from qtemperate.data import DataBundle, RunLoaders, build_datasets, build_run_loaders
+from qtemperate.heads import Task
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
 from qtemperate.recipe import Recipe
@@ -135,12 +136,13 @@ class Trainer:
         )
         loaders = build_run_loaders(bundle, d.batch_size, d.eval_batch_size, d.num_workers, r.seed)
         example = loaders.example_input.to(device)
+        task = Task.from_recipe(r)  # which output is scored, each head's task loss
         logger.log_config(r.model_dump(mode="json"))
 
         # 1. The teacher.
         teacher, self.step_offset = prepare_teacher(
             r, bundle, loaders, self.run_dir, self.resume, device, logger, self.console)
-        teacher_acc, _ = evaluate(teacher, loaders.test, device)
+        teacher_acc, _ = evaluate(teacher, loaders.test, device, task)
         t_size = model_size(teacher, example)
 
         # 2. The student architecture (restored on resume: pruning is not repeated).
@@ -155,8 +157,7 @@ class Trainer:
 
         # 4. The stages, epoch by epoch.
         sched = JointScheduler.from_recipe(r)
-        loss_fn = TemperateLoss(kd_weight=r.distillation.kd_weight,
-                                temperatures=tuple(r.distillation.temperatures), weights=r.distillation.weights)
+        loss_fn = TemperateLoss.from_recipe(r)
         prog = Progress()
         student: nn.Module = copy.deepcopy(arch).to(device)
         quantized_now = False
@@ -184,13 +185,13 @@ class Trainer:
                 quantized_now = quantized_now or stage.quantized
                 stage_idx = idx
                 opt = build_optimizer(student, r.optimizer, stage.lr or r.optimizer.lr)
-                acc0, prog.val_loss = evaluate(student, loaders.val_or_test, device)  # T reacts to the model as it now is
+                acc0, prog.val_loss = evaluate(student, loaders.val_or_test, device, task)  # T reacts to the model as it now is
                 logger.log({"stage/index": idx, "stage/start_acc": acc0, "stage/start_val_loss": prog.val_loss,
                             "stage/weight_bits": stage.weight_bits, "stage/act_bits": stage.act_bits},
                            self.step_offset + prog.global_step)
             assert opt is not None
             st = sched.step(epoch, prog.val_loss)
-            loss_fn.set_temperatures(st.temperatures, st.weights)
+            loss_fn.follow(st)
             first, last = bounds[stage_idx]
             loaders.set_epoch(epoch)
             distiller = Distiller(student, teacher_out, loss_fn, sched, opt, device, clip, r.tracking.log_every)
@@ -201,8 +202,8 @@ class Trainer:
                 lambda metrics, step: logger.log(metrics, self.step_offset + step), self.console,
             )
             st = sched.state or st
-            acc, test_loss = evaluate(student, loaders.test, device)
-            val_loss = test_loss if loaders.val is None else evaluate(student, loaders.val, device)[1]
+            acc, test_loss = evaluate(student, loaders.test, device, task)
+            val_loss = test_loss if loaders.val is None else evaluate(student, loaders.val, device, task)[1]
             prog.val_loss, prog.epoch = val_loss, epoch
             self._record_epoch(prog, st, means, acc, test_loss, val_loss, logger)
             if epoch == last - 1:
@@ -215,7 +216,7 @@ class Trainer:
 
         # 5. The result: student file, ONNX checks, summary.
         student.eval()
-        student_acc, _ = evaluate(student, loaders.test, device)
+        student_acc, _ = evaluate(student, loaders.test, device, task)
         final = sched.stages[-1]
         save_student(self.run_dir / "student.pt", arch, student, final.weight_bits, final.act_bits,
                      r.student.first_last_bits, r.student.per_channel,

@@ -156,3 +156,43 @@ def test_run_prints_summary_and_never_overwrites_a_run(tmp_path: Path, capsys: p
     assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == before
     assert json.loads((first / "summary.json").read_text()) == summary
     assert "epochs: 1" in (second / "recipe.yaml").read_text()
+
+
+def test_run_a_multi_output_detector_with_per_head_temperatures(tmp_path: Path) -> None:
+    """The shipped toy-detector recipe through `qtemperate run` (shrunk): the seed's detection
+    case — feature T = 5, class head T = 3, fine-tune T = 1 — from the recipe's
+    distillation.head_temperatures, the box head trained by smooth L1 and not distilled."""
+    from qtemperate.checkpoint import load_student
+    from qtemperate.data import build_datasets
+
+    run_dir = tmp_path / "det"
+    small = ["data.kwargs.n_train=384", "data.kwargs.n_test=128", "teacher.train.epochs=2",
+             "stages.0.epochs=1", "stages.1.epochs=1", "tracking.loggers=[jsonl]", "tracking.log_every=1",
+             "export.onnx=false",
+             f"output_dir={tmp_path}"]
+    args = ["run", str(ROOT / "recipes" / "synthetic_detection.yaml"), "--run-dir", str(run_dir), "--no-progress"]
+    assert main([*args, *(x for s in small for x in ("--set", s))]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["teacher_logits_cached"] is True  # the dict of heads was cached per head
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/loss" in r]
+    assert {r["epoch"] for r in train} == {0, 1, 2}
+    for r in train:
+        want = (5.0, 3.0) if r["epoch"] < 2 else (1.0, 1.0)  # float, w8a8 | fine-tune
+        assert (r["train/T_features_scale5"], r["train/T_logits_scale3"]) == want
+        assert r["train/kd_features_T5"] >= 0 and r["train/kd_logits_T3"] >= 0
+        assert r["train/task_boxes"] >= 0 and r["train/task_logits"] >= 0
+        assert not any(k.startswith("train/kd_boxes") for k in r)  # weight 0: not distilled
+    assert [s["weight_bits"] for s in summary["stages"]] == [32, 8, 4]
+
+    # student_acc is the accuracy of the `logits` head (task.accuracy_head), recomputed here
+    # independently from student.pt and the test split.
+    student, _ = load_student(run_dir / "student.pt")
+    bundle = build_datasets("synthetic_detection", val_fraction=0.1, seed=0, n_train=384, n_test=128,
+                            num_classes=3)
+    x = torch.stack([bundle.test[i][0] for i in range(len(bundle.test))])
+    y = torch.stack([bundle.test[i][1]["labels"] for i in range(len(bundle.test))])
+    with torch.no_grad():
+        acc = float((student(x)["logits"].argmax(1) == y).float().mean())
+    assert summary["student_acc"] == pytest.approx(acc)

@@ -539,8 +539,8 @@ def test_bad_arguments_raise_value_error(make: object) -> None:
         make()  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("epoch", [-1, 9, 100, 1.0, True, "0"])
-def test_epoch_out_of_range_or_not_int_raises(epoch: object) -> None:
+@pytest.mark.parametrize("epoch", [-1, 9, 100, 9.5, -0.5, float("nan"), True, "0"])
+def test_epoch_out_of_range_or_not_a_number_raises(epoch: object) -> None:
     s = three_stages()
     with pytest.raises(ValueError, match="epoch"):
         s.step(epoch)  # type: ignore[arg-type]
@@ -784,3 +784,98 @@ def test_an_unregistered_schedule_is_unknown(steps_kind: str) -> None:
             BitStage("s", 1, schedule=steps_kind)
     finally:
         TEMPERATURE_SCHEDULES.register(steps_kind, _Steps)
+
+
+# ------------------------------------------------------------------ step-level use
+def _two_stages(**kw: Any) -> JointScheduler:
+    """W8A8 (1 epoch, warm-up at T0 = 6 + 2) -> W4A4 (3 epochs, cosine from T0 = 6 + 3 at once)."""
+    return JointScheduler(
+        [BitStage("w8a8", 1, 8, 8), BitStage("w4a4", 3, 4, 4, schedule_kwargs={"warmup": 0.0, "adapt_until": 0.0})],
+        temperatures=(6.0, 3.0, 1.0), **kw,
+    )
+
+
+def test_updates_per_epoch_moves_the_cosine_within_epochs() -> None:
+    upe = 4
+    sched = _two_stages(updates_per_epoch=upe)
+    assert sched.moves_per_update is False or sched.state is None  # w8a8 warm-up: nothing moves yet
+    n = 0
+    for epoch in range(sched.total_epochs):
+        st = sched.step(epoch)
+        for i in range(upe):
+            st = sched.step_update(n)
+            assert st.epoch == epoch and st.epoch_fraction == i / upe
+            if epoch == 0:
+                want = 8.0  # one-epoch warm-up at 6 + 2 halvings
+            else:
+                k = (epoch - 1) + i / upe  # W4A4: S = 0, K = 2, T_enter = 9
+                want = 1.0 if k >= 2 else 1.0 + 8.0 * (1 + math.cos(math.pi * k / 2)) / 2
+            assert st.temperature == pytest.approx(want), (epoch, i)
+            assert st.weight_bits == (8 if epoch == 0 else 4)
+            assert st.temperatures == sched.scale_temperatures(st.temperature)
+            n += 1
+    # At the first update of W4A4 the stage starts at its coupled temperature, exactly.
+    fresh = _two_stages(updates_per_epoch=upe)
+    fresh.step(0)
+    fresh.step(1)
+    assert fresh.step_update(upe).temperature == 9.0 and fresh.state.stage_started
+
+
+def test_real_epochs_equal_whole_epochs_and_bad_update_counts_are_named() -> None:
+    a, b = _two_stages(), _two_stages()
+    for e in range(4):
+        assert a.step(e).temperature == b.step(float(e)).temperature
+    sched = _two_stages(updates_per_epoch=4)
+    sched.step(0)
+    with pytest.raises(ValueError, match=r"update 4 is in epoch 1 at updates_per_epoch=4, but the scheduler was stepped to epoch 0"):
+        sched.step_update(4)
+    with pytest.raises(ValueError, match="updates_per_epoch"):
+        _two_stages(updates_per_epoch=0)
+    # A gradient-norm stage still moves per update from the norm, whatever updates_per_epoch says.
+    g = JointScheduler([BitStage("g", 2, 8, 8, schedule="gradient_norm")], temperatures=(4.0,), updates_per_epoch=2)
+    g.step(0.5)
+    # max_T = 4 + 2 halvings = 6: T = 6 - 5 * g / g_max
+    assert g.step_update(0, 2.0).temperature == 1.0 and g.step_update(1, 1.0).temperature == pytest.approx(3.5)
+
+
+def test_head_temperatures_move_with_the_schedule_and_reach_one_together() -> None:
+    # The seed's detection case: feature T = 5, head T = 3, then a fine-tune stage at T = 1.
+    sched = JointScheduler(
+        [BitStage("w8a8", 2, 8, 8, schedule="constant"),
+         BitStage("mid", 1, 8, 8, schedule="constant", schedule_kwargs={"base_temperature": 3.0}),
+         BitStage("finetune", 1, 4, 4, schedule="constant", schedule_kwargs={"base_temperature": 1.0})],
+        temperatures=(5.0,), coupling=NoCoupling(), head_temperatures={"features": 5.0, "logits": [3.0, 1.0]},
+    )
+    st = sched.step(0)
+    assert st.head_temperatures == {"features": (5.0,), "logits": (3.0, 1.0)}
+    assert st.head_weights == {"features": (1.0,), "logits": (0.5, 0.5)}
+    st = sched.step(2)  # T(t) = 3: T_h = 1 + (T_h - 1) * (3 - 1) / (5 - 1)
+    assert st.head_temperatures == {"features": (3.0,), "logits": (2.0, 1.0)}
+    st = sched.step(3)
+    assert st.head_temperatures == {"features": (1.0,), "logits": (1.0, 1.0)}
+    # The state (head temperatures included) round-trips through a JSON checkpoint.
+    again = JointScheduler(sched.stages, temperatures=(5.0,), coupling=NoCoupling(),
+                           head_temperatures={"features": 5.0, "logits": [3.0, 1.0]})
+    again.load_state_dict(json.loads(json.dumps(sched.state_dict())))
+    assert again.state == st
+    # The loss takes shared and per-head temperatures from the state.
+    loss = TemperateLoss(temperatures=(4.0,))
+    loss.follow(sched.step(0))
+    assert loss.head_temperatures == {"features": (5.0,), "logits": (3.0, 1.0)}
+    with pytest.raises(ValueError, match=r"max\(temperatures\) > 1"):
+        JointScheduler(sched.stages, temperatures=(1.0,), head_temperatures={"logits": 3.0})
+
+
+def test_from_recipe_carries_head_temperatures() -> None:
+    raw = {
+        "name": "h", "data": {"name": "synthetic_detection"},
+        "teacher": {"model": "tiny_detector", "train": {"epochs": 1}},
+        "student": {"model": "tiny_detector"},
+        "task": {"accuracy_head": "logits", "losses": {"logits": "cross_entropy", "boxes": "smooth_l1"}},
+        "stages": [{"epochs": 1, "weight_bits": 8, "act_bits": 8, "temperature": {"schedule": "constant"}}],
+        "distillation": {"temperatures": [5.0], "coupling": "none",
+                         "head_temperatures": {"features": 5.0, "logits": 3.0}, "head_weights": {"boxes": 0.0}},
+    }
+    sched = JointScheduler.from_recipe(parse_recipe(raw), updates_per_epoch=3)
+    assert sched.head_reference == {"features": (5.0,), "logits": (3.0,)} and sched.updates_per_epoch == 3
+    assert sched.step(0).head_temperatures == {"features": (5.0,), "logits": (3.0,)}

@@ -260,8 +260,11 @@ def test_temperate_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     [
         ([], -1, None, "epoch"),
         ([], 10, None, "epoch"),
-        ([], 1.0, None, "epoch"),
+        ([], float("nan"), None, "epoch"),
+        ([], -0.5, None, "epoch"),
+        ([], "1", None, "epoch"),
         ([], True, None, "epoch"),
+        ([1.0] * 5, 3.99, None, "decrease"),
         ([1.0] * 5, 2, None, "decrease"),
         ([1.0] * 3, 3, None, "val_loss is required"),
         ([1.0] * 3, 3, float("nan"), "val_loss"),
@@ -737,3 +740,42 @@ def test_suggest_initial_temperature(
 def test_suggest_initial_temperature_bad_arguments(args: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         suggest_initial_temperature(*args)
+
+
+# ---------------------------------------------------------------- step-level (real epochs)
+def test_temperate_within_epoch_closed_form_at_the_boundaries() -> None:
+    # 5 epochs, adaptive at 0-1 (A = ceil(0.4 * 5) = 2), convergence S = 2, K = 2.
+    sched = TemperateSchedule(5, base_temperature=6.0, warmup=0.0, adapt_until=0.4)
+    twin = TemperateSchedule(5, base_temperature=6.0, warmup=0.0, adapt_until=0.4)  # per epoch
+    t0 = 0.9 * 6.0 - 0.1 * 1.0
+    assert sched.step(0, 1.0) == pytest.approx(t0) == twin.step(0, 1.0)
+    assert sched.step(0.5) == sched.step(0.999) == pytest.approx(t0)  # adaptive T is constant in an epoch
+    t1 = 0.9 * t0 - 0.1 * 1.0
+    assert sched.step(1, 1.0) == pytest.approx(t1) == twin.step(1, 1.0)  # the update applied once
+    assert sched.step(1.75) == pytest.approx(t1)
+    cos = lambda k: 1.0 + (t1 - 1.0) * (1.0 + math.cos(math.pi * k / 2)) / 2  # noqa: E731
+    assert sched.step(2.0) == pytest.approx(t1) == twin.step(2)  # T_enter at e = S
+    assert sched.step(2.5) == pytest.approx(cos(0.5))  # within the epoch, between twin's 2 and 3
+    assert sched.step(3) == pytest.approx(cos(1.0)) == twin.step(3)
+    assert sched.step(3.999) > 1.0
+    assert sched.step(4) == 1.0 == sched.step(4.5) == twin.step(4)  # exactly min_T in the last epoch
+    with pytest.raises(ValueError, match="decrease"):
+        sched.step(3.5)
+
+
+def test_temperate_within_epoch_is_monotone_and_resumes_mid_epoch() -> None:
+    sched = TemperateSchedule(4, base_temperature=8.0, warmup=0.0, adapt_until=0.0)
+    values = [sched.step(e / 10) for e in range(40)]
+    assert values == sorted(values, reverse=True) and values[0] == 8.0 and values[-1] == 1.0
+    a = TemperateSchedule(4, base_temperature=8.0, warmup=0.0, adapt_until=0.0)
+    a.step(1.25)
+    b = TemperateSchedule(4, base_temperature=8.0, warmup=0.0, adapt_until=0.0)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.step(1.5) == a.step(1.5) and b.step(2.0) == a.step(2.0)
+
+
+def test_fractional_epochs_of_the_other_schedules() -> None:
+    assert TemperateSchedule.fractional_epochs and ConstantTemperature.fractional_epochs
+    assert LookupTableTemperature([5.0, 3.0, 1.0]).step(1.9) == 3.0  # one entry per epoch
+    assert ConstantTemperature(2.5).step(0.3) == 2.5
+    assert not GradientNormTemperature.fractional_epochs  # its T moves per update, not with time

@@ -9,6 +9,8 @@ The package has one module per concept:
 - :mod:`~qtemperate.data.datasets`: the :data:`DATASETS` registry, the facts a
   dataset states (:class:`DatasetInfo`), :func:`build_datasets`, :func:`dataset_info`.
 - :mod:`~qtemperate.data.builtin`: the built-in datasets, each builder next to its facts.
+- :mod:`~qtemperate.data.detection`: datasets with named targets beyond the class
+  label, and the ``synthetic_detection`` shapes (class and box known).
 - :mod:`~qtemperate.data.loaders`: epoch-seeded samplers and the loaders of a run
   (:func:`build_run_loaders`).
 
@@ -50,6 +52,7 @@ from qtemperate.data.datasets import RawSplits as RawSplits
 from qtemperate.data.datasets import build_datasets as build_datasets
 from qtemperate.data.datasets import check_data_available as check_data_available
 from qtemperate.data.datasets import dataset_info as dataset_info
+from qtemperate.data.detection import NamedTargetsDataset as NamedTargetsDataset
 from qtemperate.data.formats import load_cifar_batch as load_cifar_batch
 from qtemperate.data.formats import read_idx as read_idx
 from qtemperate.data.loaders import EpochSeededSampler as EpochSeededSampler
@@ -92,6 +95,7 @@ __all__ = [
     "DatasetSpec",
     "EpochSeededSampler",
     "IndexedDataset",
+    "NamedTargetsDataset",
     "RawSplits",
     "RunLoaders",
     "build_datasets",

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from qtemperate.data.augment import AugmentedTensorDataset
 from qtemperate.data.splits import (
@@ -73,11 +73,14 @@ class DatasetInfo:
         num_classes: Number of classes (the classifier's output width).
         in_channels: Image channels.
         image_size: ``(height, width)`` of the model input.
+        targets: The names of the per-sample targets: ``("labels",)`` (class labels)
+            for a classification dataset; more for e.g. detection (``("labels", "boxes")``).
     """
 
     num_classes: int
     in_channels: int
     image_size: tuple[int, int]
+    targets: tuple[str, ...] = ("labels",)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -95,6 +98,14 @@ class DatasetOptionError(ValueError):
     def __init__(self, option: str, message: str) -> None:
         super().__init__(message)
         self.option = option
+
+
+def _target_names(dataset: Dataset) -> tuple[str, ...]:
+    """A dataset's target names: ``target_names`` (see
+    :class:`~qtemperate.data.detection.NamedTargetsDataset`), else class labels only."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return tuple(getattr(dataset, "target_names", ("labels",)))
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -134,7 +145,8 @@ class RawSplits:
     @property
     def info(self) -> DatasetInfo:
         """The facts of what was built."""
-        return DatasetInfo(self.num_classes, self.in_channels, _pair(self.image_size))
+        return DatasetInfo(self.num_classes, self.in_channels, _pair(self.image_size),
+                           _target_names(self.train))
 
 
 @dataclass
@@ -248,9 +260,14 @@ class DataBundle:
         return (self.in_channels, *self.image_size)
 
     @property
+    def targets(self) -> tuple[str, ...]:
+        """The names of the per-sample targets (``("labels",)`` for class labels only)."""
+        return _target_names(self.train_plain)
+
+    @property
     def info(self) -> DatasetInfo:
         """The facts of the built data (equal to :func:`dataset_info` of the same options)."""
-        return DatasetInfo(self.num_classes, self.in_channels, _pair(self.image_size))
+        return DatasetInfo(self.num_classes, self.in_channels, _pair(self.image_size), self.targets)
 
 
 

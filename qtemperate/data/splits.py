@@ -43,8 +43,14 @@ def subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
     """The samples ``indices`` of ``dataset``: a new :class:`TensorDataset` for in-memory
     data (indexed tensors), else a :class:`Subset` (lazy data stays lazy)."""
     if isinstance(dataset, TensorDataset):
-        return TensorDataset(*(t[indices] for t in dataset.tensors))
+        return _like(dataset, *(t[indices] for t in dataset.tensors))
     return Subset(dataset, indices.tolist())
+
+
+def _like(dataset: TensorDataset, *tensors: torch.Tensor) -> TensorDataset:
+    """A dataset of the same kind over ``tensors`` (a dataset with named targets keeps them)."""
+    rebuild = getattr(dataset, "with_tensors", None)
+    return rebuild(*tensors) if callable(rebuild) else TensorDataset(*tensors)
 
 
 def stratified_first_n(labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor:
@@ -109,8 +115,8 @@ def normalize(
     """
     if scale is None or not isinstance(dataset, TensorDataset):
         return dataset
-    x, y = dataset.tensors[0], dataset.tensors[1]
+    x, y, *more = dataset.tensors
     m = torch.tensor(tuple(mean), dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(tuple(std), dtype=torch.float32).view(1, -1, 1, 1)
     x = (x.to(torch.float32) / scale - m) / s
-    return TensorDataset(x.contiguous(), y.long())
+    return _like(dataset, x.contiguous(), y.long(), *more)

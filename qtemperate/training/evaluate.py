@@ -7,24 +7,40 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from qtemperate.heads import LABELS, Task, target_of, targets_to
+
 __all__ = ["evaluate"]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """Top-1 accuracy and mean cross-entropy of ``model`` over ``loader``.
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, task: Task | None = None
+) -> tuple[float, float]:
+    """Top-1 accuracy and mean task loss of ``model`` over ``loader``.
 
-    ``acc = #{argmax f(x) = y} / N`` and ``loss = Σ CE(f(x), y) / N`` over all
-    samples; the model runs in eval mode and its train/eval flag is restored.
+    A classifier (``task`` ``None`` or without heads): ``acc = #{argmax f(x) = y} / N``
+    and ``loss = Σ CE(f(x), y) / N`` over all samples. A multi-output model: the
+    accuracy is that of ``task.accuracy_head`` against the class labels, and the loss
+    is the task loss ``Σ_h w_h · L_h`` (:meth:`~qtemperate.heads.Task.loss`, each a
+    batch mean) averaged over samples. A dict output without a ``task`` naming its
+    scored head is an error, never a guess. The model runs in eval mode and its
+    train/eval flag is restored.
     """
+    task = task or Task()
     was_training = model.training
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
-    for batch in loader:
-        x, y = batch[0].to(device), batch[1].to(device)
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        total += int(y.numel())
-    model.train(was_training)
+    try:
+        for batch in loader:
+            x, y = batch[0].to(device), targets_to(batch[1], device)
+            out = model(x)
+            logits, labels = task.logits(out), target_of(y, LABELS)
+            if task.multi_head:
+                loss_sum += float(task.loss(out, y)[0]) * int(labels.numel())
+            else:
+                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(1) == labels).sum())
+            total += int(labels.numel())
+    finally:
+        model.train(was_training)
     return correct / max(total, 1), loss_sum / max(total, 1)

@@ -1,8 +1,11 @@
 """One distillation epoch: the student learns from the teacher's softened logits.
 
-Per step: teacher logits (cached or live), ``parts = TemperateLoss(student(x), t, y)``,
-backward, gradient clipping, the per-update temperature (for schedules that move with
-the gradient norm), optimizer step. Loss parts stay tensors and are read back (a host
+Per step: the per-update temperature of a schedule stepped within epochs (joint
+scheduler with ``updates_per_epoch``), teacher logits (cached or live),
+``parts = TemperateLoss(student(x), t, y)``, backward, gradient clipping, the
+per-update temperature of a schedule that moves with the gradient norm, optimizer
+step. Multi-output models: ``y`` may be a dict of targets and the parts carry one KD
+term per distilled head. Loss parts stay tensors and are read back (a host
 sync on a GPU) only every ``log_every`` steps and at the end of the epoch, where a
 NaN/Inf stops the run before the epoch's evaluation and checkpoint.
 """
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qtemperate.heads import targets_to
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
 from qtemperate.training.checkpointing import Progress
@@ -45,14 +49,30 @@ def stable_names(parts: dict[str, Any], state: StageState, scheduler: JointSched
 
     The loss names parts by the current T (``kd_T7.13``), which moves every epoch;
     charts need names that stay put. The current T of each scale is logged beside it
-    as ``T_scale{ref}``.
+    as ``T_scale{ref}``. A multi-output model's parts ``kd_{head}_T{now}`` become
+    ``kd_{head}_T{ref}`` with ``T_{head}_scale{ref}`` beside them, the reference being
+    the head's ``head_temperatures`` (or the shared set for a head without them).
     """
-    out = {k: v for k, v in parts.items() if not k.startswith("kd_T")}
-    for ref, now in zip(scheduler.base_temperatures, state.temperatures):
-        part = parts.get(f"kd_T{now:g}")
-        if part is not None:
-            out[f"kd_T{ref:g}"] = part
-        out[f"T_scale{ref:g}"] = now
+    heads = [k[3:] for k in parts
+             if k.startswith("kd_") and any(o.startswith(f"{k}_T") for o in parts)]
+    moving = {f"kd_{h}_T" for h in heads}
+    out = {k: v for k, v in parts.items()
+           if not k.startswith("kd_T") and not any(k.startswith(p) for p in moving)}
+    if not heads:
+        for ref, now in zip(scheduler.base_temperatures, state.temperatures):
+            part = parts.get(f"kd_T{now:g}")
+            if part is not None:
+                out[f"kd_T{ref:g}"] = part
+            out[f"T_scale{ref:g}"] = now
+        return out
+    for head in heads:
+        refs = scheduler.head_reference.get(head, scheduler.base_temperatures)
+        nows = state.head_temperatures.get(head, state.temperatures)
+        for ref, now in zip(refs, nows):
+            part = parts.get(f"kd_{head}_T{now:g}")
+            if part is not None:
+                out[f"kd_{head}_T{ref:g}"] = part
+            out[f"T_{head}_scale{ref:g}"] = now
     return out
 
 
@@ -107,8 +127,12 @@ class Distiller:
         n = 0
         where = f"epoch {epoch} ({state.stage_name})"
         bar = console.bar(loader, desc=f"epoch {epoch + 1}/{sched.total_epochs} {state.stage_name}")
+        within_epoch = sched.moves_per_update and not sched.wants_grad_norm
         for x, y, idx in bar:
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x.to(self.device), targets_to(y, self.device)
+            if within_epoch:  # T of this update's position in the epoch, before its forward
+                state = sched.step_update(progress.global_step)
+                self.loss_fn.follow(state)
             t_out = self.teacher(x, idx)
             rate = lr.at(progress.global_step)
             set_lr(self.optimizer, rate)
@@ -118,7 +142,7 @@ class Distiller:
             gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
             if sched.wants_grad_norm:
                 state = sched.step_update(progress.global_step, float(gnorm))
-                self.loss_fn.set_temperatures(state.temperatures, state.weights)
+                self.loss_fn.follow(state)
             self.optimizer.step()
             progress.global_step += 1
             n += 1

@@ -19,7 +19,7 @@ from torch import nn
 from qtemperate.planner import PlanReport, plan_student
 from qtemperate.recipe import Recipe
 from qtemperate.size import SizeReport
-from qtemperate.training.architecture import build_for_data
+from qtemperate.training.architecture import build_recipe_model, check_outputs_kept
 
 __all__ = ["STUDENT_ARCH_FILE", "derive_student"]
 
@@ -60,7 +60,7 @@ def derive_student(
     if s.model is None:
         base = teacher
     else:
-        base = build_for_data(s.model, s.kwargs, num_classes, in_channels, device)
+        base = build_recipe_model(recipe, "student", num_classes, in_channels, device)
         if s.target_size_ratio is None and s.prune_ratio is None:
             return base, None
     student, report = plan_student(
@@ -76,4 +76,5 @@ def derive_student(
         round_to=s.round_to,
         teacher_size=teacher_size if s.model is None else None,
     )
+    check_outputs_kept(base, student, example_input)
     return student, report

@@ -8,23 +8,28 @@ from is saved as ``teacher.pt`` (state dict, model name, kwargs and the number o
 training steps, so the student's metric steps continue after the teacher's).
 
 When the training data is not augmented the teacher's logits are computed once
-(:func:`cache_teacher_logits`) and looked up by sample index during distillation.
+(:func:`cache_teacher_logits`) and looked up by sample index during distillation; a
+multi-output teacher's heads are cached per head (a dict of tensors).
+
+A multi-output teacher (a recipe with a ``task`` section) is trained with the task loss
+of each head (:class:`~qtemperate.heads.Task`) and scored on its accuracy head.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qtemperate.checkpoint import load_checkpoint, save_atomic
 from qtemperate.data import DataBundle, RunLoaders
+from qtemperate.heads import Task, targets_to
 from qtemperate.recipe import OptimizerConfig, Recipe
 from qtemperate.tracking import MetricLogger
-from qtemperate.training.architecture import build_for_data
+from qtemperate.training.architecture import build_recipe_model
 from qtemperate.training.console import Console
 from qtemperate.training.evaluate import evaluate
 from qtemperate.training.guards import check_finite
@@ -66,14 +71,17 @@ def train_teacher(
     seed: int = 0,
     logger: MetricLogger | None = None,
     console: Console | None = None,
+    task: Task | None = None,
 ) -> int:
-    """Train ``model`` with cross-entropy for ``epochs`` epochs; return the steps taken.
+    """Train ``model`` with cross-entropy (or ``task``'s per-head task loss) for ``epochs``
+    epochs; return the steps taken.
 
     The learning rate follows :func:`~qtemperate.training.lr_schedule.lr_at` over all
     ``epochs · len(loaders.train)`` steps. After every epoch the test accuracy and loss
     are logged (``teacher/acc``, ``teacher/test_loss``) and printed.
     """
     console = console or Console(False)
+    task = task or Task()
     seed_all(seed)
     opt = build_optimizer(model, optimizer, lr)
     total = epochs * len(loaders.train)
@@ -83,9 +91,9 @@ def train_teacher(
         loaders.set_epoch(TEACHER_EPOCH_OFFSET + epoch)
         bar = console.bar(loaders.train, desc=f"teacher {epoch + 1}/{epochs}")
         for x, y, _ in bar:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device), targets_to(y, device)
             set_lr(opt, lr_at(step, total, lr, optimizer.schedule))
-            loss = F.cross_entropy(model(x), y)
+            loss = task.loss(model(x), y)[0]
             check_finite(loss.detach(), "teacher")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -93,7 +101,7 @@ def train_teacher(
             step += 1
             if console.enabled:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-        acc, test_loss = evaluate(model, loaders.test, device)
+        acc, test_loss = evaluate(model, loaders.test, device, task)
         if logger is not None:
             logger.log({"teacher/epoch": epoch, "teacher/acc": acc, "teacher/test_loss": test_loss}, step)
         console.say(f"teacher epoch {epoch + 1}/{epochs}: test acc {acc:.4f}, loss {test_loss:.4f}")
@@ -112,7 +120,7 @@ def prepare_teacher(
 ) -> tuple[nn.Module, int]:
     """The run's teacher (see the module docstring) in eval mode, and its training steps."""
     t = recipe.teacher
-    model = build_for_data(t.model, t.kwargs, bundle.num_classes, bundle.in_channels, device)
+    model = build_recipe_model(recipe, "teacher", bundle.num_classes, bundle.in_channels, device)
     saved_path = run_dir / TEACHER_FILE
     if resume and saved_path.is_file():
         saved = load_checkpoint(saved_path, device)
@@ -125,7 +133,7 @@ def prepare_teacher(
         assert t.train is not None  # the recipe guarantees a checkpoint or training
         steps = train_teacher(
             model, loaders, t.train.epochs, t.train.lr, recipe.optimizer, device,
-            seed=recipe.seed, logger=logger, console=console,
+            seed=recipe.seed, logger=logger, console=console, task=Task.from_recipe(recipe),
         )
     kwargs = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels, **t.kwargs}
     save_atomic({"state_dict": model.state_dict(), "model": t.model, "kwargs": kwargs, "steps": steps}, saved_path)
@@ -146,11 +154,22 @@ def should_cache_logits(mode: str, augmented: bool) -> tuple[bool, str]:
     return False, "augmented data: teacher runs every step" if augmented else "disabled by the recipe"
 
 
+TeacherOutputs = torch.Tensor | dict[str, torch.Tensor]
+"""The teacher's output for a batch: logits, or a dict of heads for a multi-output model."""
+
+
 @torch.no_grad()
-def cache_teacher_logits(teacher: nn.Module, loaders: RunLoaders, device: torch.device) -> torch.Tensor:
-    """Teacher logits of every training sample, in index order (``loaders.plain``)."""
+def cache_teacher_logits(teacher: nn.Module, loaders: RunLoaders, device: torch.device) -> TeacherOutputs:
+    """Teacher logits of every training sample, in index order (``loaders.plain``).
+
+    A multi-output teacher gives a dict of heads, each cached as one tensor (row ``i``
+    of every head belongs to training index ``i``).
+    """
     teacher.eval()
-    return torch.cat([teacher(batch[0].to(device)).float() for batch in loaders.plain])
+    outs = [teacher(batch[0].to(device)) for batch in loaders.plain]
+    if outs and isinstance(outs[0], Mapping):
+        return {head: torch.cat([o[head].float() for o in outs]) for head in outs[0]}
+    return torch.cat([o.float() for o in outs])
 
 
 class TeacherLogits:
@@ -158,10 +177,11 @@ class TeacherLogits:
 
     Args:
         teacher: The teacher model (kept in eval mode; never updated).
-        cache: Logits of every training sample by index, or ``None``.
+        cache: Logits of every training sample by index (a dict of them per head for a
+            multi-output teacher), or ``None``.
     """
 
-    def __init__(self, teacher: nn.Module, cache: torch.Tensor | None) -> None:
+    def __init__(self, teacher: nn.Module, cache: TeacherOutputs | None) -> None:
         self.teacher = teacher
         self.cache = cache
 
@@ -170,6 +190,8 @@ class TeacherLogits:
         return self.cache is not None
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> Any:
+        if isinstance(self.cache, Mapping):
+            return {head: rows[index.to(rows.device)] for head, rows in self.cache.items()}
         if self.cache is not None:
             return self.cache[index.to(self.cache.device)]
         self.teacher.eval()

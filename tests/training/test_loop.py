@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from qtemperate.data import RunLoaders
-from qtemperate.joint_scheduler import BitStage, JointScheduler
+from qtemperate.joint_scheduler import BitStage, JointScheduler, NoCoupling
 from qtemperate.losses import TemperateLoss
 from qtemperate.models import build_model
 from qtemperate.training.checkpointing import Progress
@@ -72,3 +74,37 @@ def test_nan_loss_raises(digits_loaders: RunLoaders, monkeypatch: pytest.MonkeyP
     with pytest.raises(TrainingDiverged, match="NaN"):
         dist.train_epoch(digits_loaders.train, 0, Progress(), LrPlan(0, 10, 0.05, "cosine"),
                          lambda m, s: None, Console(False))
+
+
+def test_stable_names_of_a_multi_head_model_use_each_heads_reference() -> None:
+    sched = JointScheduler([BitStage("w8a8", 2, 8, 8, schedule="constant", schedule_kwargs={"base_temperature": 3.0})],
+                           temperatures=(5.0,), coupling=NoCoupling(),
+                           head_temperatures={"features": 5.0, "logits": 3.0})
+    st = sched.step(0)  # T(t) = 3: features 1 + 4 * 2 / 4 = 3, logits 1 + 2 * 2 / 4 = 2
+    loss = TemperateLoss(kd_weight=0.5, temperatures=(5.0,), head_weights={"boxes": 0.0})
+    loss.follow(st)
+    g = torch.Generator().manual_seed(0)
+    s = {"features": torch.randn(4, 6, generator=g), "logits": torch.randn(4, 3, generator=g), "boxes": torch.randn(4, 4)}
+    t = {k: torch.randn(v.shape, generator=g) for k, v in s.items()}
+    parts = loss(s, t, torch.tensor([0, 1, 2, 0]))
+    assert {"kd_features_T3", "kd_logits_T2"} <= set(parts)  # named by the current T
+    named = stable_names(parts, st, sched)
+    assert named["T_features_scale5"] == 3.0 and named["T_logits_scale3"] == 2.0
+    assert named["kd_features_T5"] is parts["kd_features_T3"] and named["kd_logits_T3"] is parts["kd_logits_T2"]
+    assert not any(k in named for k in ("kd_features_T3", "kd_logits_T2"))
+
+
+def test_train_epoch_moves_the_temperature_within_the_epoch(digits_loaders: RunLoaders) -> None:
+    n = len(digits_loaders.train)
+    dist, _ = _distiller()
+    sched = JointScheduler([BitStage("w", 2, 32, 32, schedule_kwargs={"warmup": 0.0, "adapt_until": 0.0})],
+                           temperatures=(4.0,), updates_per_epoch=n)
+    dist.scheduler = sched
+    dist.log_every = 1
+    dist.loss_fn.follow(sched.step(0))
+    logged: list[dict] = []
+    dist.train_epoch(digits_loaders.train, 0, Progress(), LrPlan(0, n, 0.05, "cosine"),
+                     lambda m, s: logged.append(m), Console(False))
+    # S = 0, K = 1: T = 1 + 3 * (1 + cos(pi * i / n)) / 2 at update i of epoch 0.
+    want = [1 + 3 * (1 + math.cos(math.pi * i / n)) / 2 for i in range(n)]
+    assert [m["train/T"] for m in logged] == pytest.approx(want)

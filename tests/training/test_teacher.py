@@ -93,3 +93,28 @@ def test_cached_logits_equal_live_logits(digits_loaders: RunLoaders) -> None:
     x, _, idx = next(iter(digits_loaders.train))
     assert cached.cached and not live.cached
     torch.testing.assert_close(cached(x, idx), live(x, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_a_multi_output_teacher_is_cached_per_head_and_scored_on_its_accuracy_head() -> None:
+    from qtemperate.data import build_datasets, build_run_loaders
+    from qtemperate.heads import HeadLoss, Task
+
+    bundle = build_datasets("synthetic_detection", seed=0, n_train=96, n_test=40)
+    loaders = build_run_loaders(bundle, batch_size=32, eval_batch_size=50)
+    teacher = build_model("tiny_detector", width=4).eval()
+    cache = cache_teacher_logits(teacher, loaders, torch.device("cpu"))
+    assert set(cache) == {"features", "logits", "boxes"} and cache["boxes"].shape == (96, 4)
+    x, _, idx = next(iter(loaders.train))
+    looked_up, live = TeacherLogits(teacher, cache)(x, idx), TeacherLogits(teacher, None)(x, idx)
+    assert all(torch.allclose(looked_up[h], live[h], atol=1e-5) for h in live)
+
+    task = Task("logits", {"logits": HeadLoss("cross_entropy"), "boxes": HeadLoss("smooth_l1", "boxes", 2.0)})
+    acc, loss = evaluate(teacher, loaders.test, torch.device("cpu"), task)
+    xs = torch.stack([bundle.test[i][0] for i in range(40)])
+    ys = {k: torch.stack([bundle.test[i][1][k] for i in range(40)]) for k in ("labels", "boxes")}
+    with torch.no_grad():
+        out = teacher(xs)
+    assert acc == pytest.approx(float((out["logits"].argmax(1) == ys["labels"]).float().mean()))
+    assert loss == pytest.approx(float(task.loss(out, ys)[0]), rel=1e-5)  # one batch of 40: the batch mean
+    with pytest.raises(ValueError, match="name the head scored"):
+        evaluate(teacher, loaders.test, torch.device("cpu"))  # a dict output is never guessed
