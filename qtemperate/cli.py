@@ -27,6 +27,7 @@ from qtemperate.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
+    BadInput,
     Interrupted,
     QtemperateWarning,
     Terminated,
@@ -139,7 +140,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise Interrupted(f"{what}; kept in {run_dir}: {kept}; continue with: {resume}", code) from None
             except TrainingDiverged as exc:
                 kept = describe_kept(run_dir, recipe.total_epochs)
-                exc.args = (f"{exc}; kept in {run_dir}: {kept}",)
+                reuse = run_dir / "teacher.pt"
+                hint = f"; a new run can reuse its teacher: teacher.checkpoint: {reuse}" if reuse.is_file() else ""
+                exc.args = (f"{exc}; kept in {run_dir}: {kept}{hint}",)
                 raise
     _print_summary(summary, run_dir)
     print(f"(this invocation: {time.perf_counter() - t0:.1f} s)")
@@ -147,7 +150,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from qtemperate.errors import BadInput
     from qtemperate.preflight import degenerate_settings, preflight
 
     bad = 0
@@ -169,7 +171,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qtemperate.planner import plan_recipe
 
     recipe = load_recipe(args.recipe, args.set or [])
-    result = plan_recipe(recipe)
+    try:
+        result = plan_recipe(recipe)
+    except ValueError as exc:  # an unreachable target names its field
+        raise BadInput(str(exc)) from None
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

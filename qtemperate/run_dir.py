@@ -309,10 +309,11 @@ def claim_fresh(base: str | os.PathLike[str]) -> RunFolder:
         n += 1
 
 
-def metrics_size(run_dir: str | os.PathLike[str]) -> int | None:
-    """Length of ``metrics.jsonl`` in bytes (``None`` when there is none)."""
+def metrics_size(run_dir: str | os.PathLike[str]) -> int:
+    """Length of ``metrics.jsonl`` in bytes (0 before the first record: a resume to this
+    point removes every record written after it)."""
     p = Path(run_dir) / METRICS_FILE
-    return p.stat().st_size if p.is_file() else None
+    return p.stat().st_size if p.is_file() else 0
 
 
 def truncate_metrics(run_dir: str | os.PathLike[str], nbytes: int | None) -> None:
@@ -428,7 +429,14 @@ def check_resume_compatible(
     """
     run_dir = Path(run_dir)
     allowed = check_allow_changes(allow)
-    diffs = recipe_differences(_recorded(run_dir), recipe.model_dump(mode="json"))
+    recorded = _recorded(run_dir)
+    try:  # a field added since the run started is compared at its default, not as "absent"
+        from qtemperate.recipe import parse_recipe
+
+        recorded = parse_recipe(recorded).model_dump(mode="json")
+    except ValueError:
+        pass  # a record today's schema rejects is compared as written
+    diffs = recipe_differences(recorded, recipe.model_dump(mode="json"))
     if not diffs:
         return []
     changing = [d for d in diffs if not _is_safe(d[0])]

@@ -65,3 +65,12 @@ def test_environment_problem_uses_the_given_path() -> None:
 
 def test_one_line_joins_lines() -> None:
     assert E.one_line("a\n  b\n\nc ") == "a b c"
+
+
+def test_readme_documents_every_exit_code() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## When things go wrong", 1)[1].split("\n## ", 1)[0]
+    for code in ("| 2 |", "| 3 |", "| 4 |", "| 130 / 143 |", "| 1 |"):
+        assert code in section
+    assert (E.EXIT_BAD_INPUT, E.EXIT_ENVIRONMENT, E.EXIT_DIVERGED, E.EXIT_INTERRUPTED, E.EXIT_TERMINATED) == (
+        2, 3, 4, 130, 143)

@@ -85,17 +85,20 @@ def chain(work: Path, recipe: Path, reference: Path) -> dict[str, Any]:
     return steps
 
 
+@pytest.mark.slow
 def test_kill_during_teacher_training_keeps_the_last_teacher_epoch(chain: dict[str, Any]) -> None:
     res, files = chain["teacher"]
     assert res.rc == -signal.SIGKILL
     assert "teacher_training.pt" in files and "teacher.pt" not in files and "checkpoint.pt" not in files
 
 
+@pytest.mark.slow
 def test_kill_at_a_stage_switch_keeps_the_previous_epoch(chain: dict[str, Any]) -> None:
     res, epoch = chain["stage_switch"]
     assert res.rc == -signal.SIGKILL and epoch == 0  # the W8A8 epoch's checkpoint
 
 
+@pytest.mark.slow
 def test_sigterm_is_handled_like_ctrl_c(chain: dict[str, Any], recipe: Path) -> None:
     res, epoch = chain["sigterm"]
     assert res.rc == 143 and epoch == 0
@@ -106,12 +109,14 @@ def test_sigterm_is_handled_like_ctrl_c(chain: dict[str, Any], recipe: Path) -> 
     )
 
 
+@pytest.mark.slow
 def test_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(chain: dict[str, Any]) -> None:
     res, temps, epoch = chain["checkpoint_write"]
     assert res.rc == -signal.SIGKILL and epoch == 0
     assert len(temps) == 1 and temps[0].startswith(".checkpoint.pt.")
 
 
+@pytest.mark.slow
 def test_kill_inside_the_export_leaves_no_truncated_onnx(chain: dict[str, Any]) -> None:
     res, temps, files = chain["export"]
     assert res.rc == -signal.SIGKILL
@@ -119,6 +124,7 @@ def test_kill_inside_the_export_leaves_no_truncated_onnx(chain: dict[str, Any]) 
     assert temps == [] or all(t.startswith(".student.onnx.") for t in temps)
 
 
+@pytest.mark.slow
 def test_resumed_after_every_kill_equals_the_uninterrupted_run(chain: dict[str, Any], reference: Path) -> None:
     assert chain["final"].rc == 0, chain["final"].err
     run_dir = chain["run_dir"]
@@ -132,6 +138,7 @@ def test_resumed_after_every_kill_equals_the_uninterrupted_run(chain: dict[str, 
 # --------------------------------------------------------------------------- two runs, one folder
 
 
+@pytest.mark.slow
 def test_two_runs_never_share_a_folder(work: Path, recipe: Path, reference: Path) -> None:
     runs = work / "runs"  # the recipe's output_dir
     holder = F.start("run", recipe, "--no-progress", cwd=work, fault="teacher_step@1=stop")
@@ -170,6 +177,7 @@ def _userns_tmpfs_works() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _userns_tmpfs_works(), reason="no user namespace to mount a small tmpfs in")
 def test_disk_full_on_a_real_tmpfs_then_resume(work: Path, recipe: Path, reference: Path) -> None:
     """The run folder on a 160 KiB tmpfs: the write that does not fit fails with exit 3 naming
@@ -218,6 +226,7 @@ def in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_injected_enospc_at_checkpoint_and_export_then_resume(
     in_process: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -229,7 +238,8 @@ def test_injected_enospc_at_checkpoint_and_export_then_resume(
         raise AssertionError("--offline must not try W&B online")
 
     monkeypatch.setattr(wandb_logger, "wandb_online_problem", no_online)
-    recipe = F.fault_recipe(in_process, tracking={"loggers": ["jsonl", "wandb"], "mode": "online"})
+    recipe = F.fault_recipe(in_process, tracking={"loggers": ["jsonl", "wandb"], "mode": "online"},
+                            teacher={"train": {"epochs": 1, "lr": 0.05}})
     run_dir = in_process / "run"
     args = ["run", str(recipe), "--no-progress", "--offline", "--run-dir", str(run_dir)]
     monkeypatch.setenv(_faults.ENV, "write:checkpoint.pt@2=enospc")
@@ -344,7 +354,7 @@ def test_damaged_checkpoint_on_resume_is_one_line(
         ("truncated_idx", "declares shape (30, 28, 28) (23520 bytes) but holds 23000 bytes"),
         ("wrong_magic", "has magic number 1213484364 (0x48544d4c)"),
         ("truncated_gz", "truncated or damaged gzip file"),
-        ("label_12", "data: train labels include 12 (1 samples) but dataset 'fashion_mnist' has 10 classes"),
+        ("label_12", "data: dataset 'fashion_mnist': train labels span 0..12 but it has 10 classes"),
     ],
 )
 def test_bad_data_files_are_one_line_before_any_training(
@@ -438,7 +448,9 @@ def test_diverged_run_exits_4_and_says_what_is_kept(
     assert main(["run", str(recipe), "--no-progress"]) == 4
     line = capsys.readouterr().err.strip()
     assert "loss is nan (NaN/Inf)" in line and "\n" not in line
-    assert line.endswith(f"kept in {in_process / 'runs' / 'tiny'}: teacher.pt (the trained teacher)")
+    run_dir = in_process / "runs" / "tiny"
+    assert line.endswith(f"kept in {run_dir}: teacher.pt (the trained teacher); a new run can reuse its "
+                         f"teacher: teacher.checkpoint: {run_dir / 'teacher.pt'}")
 
 
 def test_bad_run_folders_are_one_line(in_process: Path, recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -39,8 +39,7 @@ class Progress:
         stages: One record per finished stage (``summary.json``'s ``stages``).
         elapsed_s: Wall time spent so far, across resumptions.
         metrics_bytes: Length of ``metrics.jsonl`` when the checkpoint was written (a
-            resumed run truncates the file there, so no record appears twice);
-            ``None`` without a JSONL logger.
+            resumed run truncates the file there, so no record appears twice).
     """
 
     epoch: int = -1
