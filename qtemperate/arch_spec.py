@@ -203,7 +203,8 @@ def build_architecture(
     from qtemperate.models import build_model
 
     try:
-        model = build_model(spec.model, **spec.kwargs)
+        with torch.random.fork_rng(devices=[]):  # rebuilding must not shift the run's random draws
+            model = build_model(spec.model, **spec.kwargs)
     except (KeyError, TypeError, ValueError, ImportError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise ArchSpecError(f"cannot build model {spec.model!r}: {msg}") from None

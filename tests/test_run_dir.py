@@ -57,7 +57,9 @@ def _claim_fresh(base: str, queue: mp.Queue, go: mp.Event) -> None:  # child pro
 
 
 def test_fresh_runs_started_together_get_distinct_folders(tmp_path: Path) -> None:
-    ctx = mp.get_context("spawn")
+    # fork: four processes racing for the same folders within milliseconds (spawn would
+    # spend seconds importing torch in each child and let them arrive one by one).
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     queue, go = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_claim_fresh, args=(str(tmp_path / "runs" / "tiny"), queue, go)) for _ in range(4)]
     for p in procs:
