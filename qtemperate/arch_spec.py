@@ -224,7 +224,10 @@ def build_architecture(
     for mname, m in model.named_modules(remove_duplicate=False):
         prefix = f"{mname}." if mname else ""
         for key, value in spec.attrs.get(mname, {}).items():
-            m.__dict__[key] = value
+            # Only the plain attributes the factory's own module has (widths, groups, ...):
+            # a file never adds attributes or touches nn.Module's bookkeeping.
+            if key in m.__dict__ and key not in _MODULE_INTERNALS and _is_plain(m.__dict__[key]) and _is_plain(value):
+                m.__dict__[key] = value
         for table in (m._parameters, m._buffers):
             for tname, t in list(table.items()):
                 if t is None:

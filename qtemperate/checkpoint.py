@@ -265,7 +265,7 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         model.load_state_dict(payload["state_dict"])
     except KeyError as exc:
         raise CheckpointError(f"{path}: student file without {exc.args[0]!r}") from None
-    except (ArchSpecError, RuntimeError, ValueError) as exc:
+    except (ArchSpecError, RuntimeError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: {_short(exc).split(': ', 1)[-1]}") from None
     model.eval()
     meta = {k: v for k, v in payload.items() if k not in ("arch", "arch_state", "state_dict")}

@@ -40,11 +40,6 @@ from qtemperate.recipe import RecipeError, load_recipe
 __all__ = ["UsageError", "main"]
 
 
-def _fail(msg: str) -> int:
-    print(f"qtemperate: error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-
-
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
@@ -264,16 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int,
-                  file: Any = None, line: str | None = None) -> None:
-    # qtemperate's own warnings are one line each; other libraries' keep their format.
-    if issubclass(category, QtemperateWarning):
-        print(f"qtemperate: warning: {one_line(message)}", file=sys.stderr)
-    else:
-        _default_showwarning(message, category, filename, lineno, file, line)
+def _one_line_warnings(previous: Any) -> Any:
+    """A ``warnings.showwarning`` printing qtemperate's own warnings as one line each;
+    other libraries' warnings keep their format."""
 
+    def show(message: Any, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        if issubclass(category, QtemperateWarning):
+            print(f"qtemperate: warning: {one_line(message)}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
 
-_default_showwarning = warnings.showwarning
+    return show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = warnings.showwarning
-    warnings.showwarning = _show_warning
+    warnings.showwarning = _one_line_warnings(previous)
     try:
         return int(args.func(args))
     except SystemExit:

@@ -114,3 +114,12 @@ def test_unknown_model_and_bad_kwargs_are_errors() -> None:
         build_architecture(spec)
     with pytest.raises(ArchSpecError, match="not a qtemperate architecture"):
         ArchSpec.from_dict({"format": "other"})
+
+
+def test_a_file_cannot_add_attributes_or_touch_module_internals() -> None:
+    kwargs = {"num_classes": 10, "in_channels": 1, "width": 8}
+    spec = describe_architecture(build_model("small_cnn", **kwargs), "small_cnn", kwargs)
+    spec.attrs[""] = {"forward": "not a method", "_forward_hooks": {}, "training": False}
+    spec.attrs["conv1"] = {**spec.attrs["conv1"], "padding_mode": "zeros", "new_attr": 1}
+    model = build_architecture(spec)
+    assert callable(model.forward) and model.training and not hasattr(model.conv1, "new_attr")
