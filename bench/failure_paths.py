@@ -39,6 +39,9 @@ class _Reject(http.server.BaseHTTPRequestHandler):
         pass
 
 
+_KEEP: list[Any] = []  # the servers' sockets live as long as the benchmark
+
+
 def _servers() -> dict[str, str]:
     reject = http.server.HTTPServer(("127.0.0.1", 0), _Reject)
     threading.Thread(target=reject.serve_forever, daemon=True).start()
@@ -49,6 +52,7 @@ def _servers() -> dict[str, str]:
     closed.bind(("127.0.0.1", 0))
     closed_port = closed.getsockname()[1]
     closed.close()
+    _KEEP.extend([reject, silent])
     return {
         "rejected key (HTTP 401)": f"http://127.0.0.1:{reject.server_port}",
         "server never answers": f"http://127.0.0.1:{silent.getsockname()[1]}",
