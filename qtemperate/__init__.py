@@ -46,6 +46,7 @@ from qtemperate.temperature import to_lookup_table as to_lookup_table
 if TYPE_CHECKING:
     from qtemperate.checkpoint import load_student as load_student
     from qtemperate.checkpoint import save_student as save_student
+    from qtemperate.checkpoint import upgrade_student as upgrade_student
     from qtemperate.compare import compare_runs as compare_runs
     from qtemperate.compare import pareto_front as pareto_front
     from qtemperate.data import DATASETS as DATASETS
@@ -57,6 +58,12 @@ if TYPE_CHECKING:
     from qtemperate.data import check_data_available as check_data_available
     from qtemperate.data import dataset_info as dataset_info
     from qtemperate.data import make_loaders as make_loaders
+    from qtemperate.errors import BadInput as BadInput
+    from qtemperate.errors import CheckpointError as CheckpointError
+    from qtemperate.errors import DiskFull as DiskFull
+    from qtemperate.errors import EnvironmentProblem as EnvironmentProblem
+    from qtemperate.errors import QtemperateError as QtemperateError
+    from qtemperate.errors import RunFolderBusy as RunFolderBusy
     from qtemperate.export import VerifyReport as VerifyReport
     from qtemperate.export import benchmark_onnx as benchmark_onnx
     from qtemperate.export import export_and_check as export_and_check
@@ -148,6 +155,13 @@ _LAZY = {
     "PlanReport": "qtemperate.planner",
     "load_student": "qtemperate.checkpoint",
     "save_student": "qtemperate.checkpoint",
+    "upgrade_student": "qtemperate.checkpoint",
+    "QtemperateError": "qtemperate.errors",
+    "BadInput": "qtemperate.errors",
+    "CheckpointError": "qtemperate.errors",
+    "EnvironmentProblem": "qtemperate.errors",
+    "DiskFull": "qtemperate.errors",
+    "RunFolderBusy": "qtemperate.errors",
     "compare_runs": "qtemperate.compare",
     "pareto_front": "qtemperate.compare",
     "preflight": "qtemperate.preflight",
@@ -161,13 +175,17 @@ __all__ = [
     "MODELS",
     "TASK_LOSSES",
     "TEMPERATURE_SCHEDULES",
+    "BadInput",
     "BitDropCoupling",
     "BitStage",
+    "CheckpointError",
     "ConsoleLogger",
     "ConstantTemperature",
     "CouplingRule",
     "DataBundle",
     "DatasetInfo",
+    "DiskFull",
+    "EnvironmentProblem",
     "EpochSeededSampler",
     "GradientNormTemperature",
     "HeadLoss",
@@ -179,12 +197,14 @@ __all__ = [
     "NoCoupling",
     "PlanReport",
     "PruneReport",
+    "QtemperateError",
     "QuantConfig",
     "Recipe",
     "RecipeError",
     "Registry",
     "ResidualAdd",
     "ResidualAddMarker",
+    "RunFolderBusy",
     "ScheduleSettings",
     "SizeReport",
     "StageContext",
@@ -234,6 +254,7 @@ __all__ = [
     "settings_model",
     "suggest_initial_temperature",
     "to_lookup_table",
+    "upgrade_student",
     "verify_onnx",
 ]
 

@@ -1,45 +1,62 @@
 """The ``qtemperate`` command line.
 
-Verbs: ``run``, ``validate``, ``plan``, ``compare``, ``export``. Bad input (a recipe
-field, a missing file, a class-count mismatch) prints one line naming the field or
-file and exits 2 — before any training, and without touching an existing run.
+Verbs: ``run``, ``validate``, ``plan``, ``compare``, ``export``. Every failure prints
+one line and exits with the code :mod:`qtemperate.errors` documents: 2 for bad input
+(a recipe field, a missing or malformed file, a class-count mismatch — before any
+training, without touching an existing run), 3 for the environment (disk full,
+permission denied, a run folder in use), 4 for a diverged run, 130/143 for Ctrl-C /
+SIGTERM (the last checkpoint is kept), 1 only for a bug (with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from qtemperate.recipe import Recipe, RecipeError, load_recipe
+from qtemperate.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    BadInput,
+    Interrupted,
+    QtemperateWarning,
+    Terminated,
+    UsageError,
+    classify,
+    one_line,
+)
+from qtemperate.recipe import RecipeError, load_recipe
 
-__all__ = ["main"]
-
-EXIT_BAD_INPUT = 2
+__all__ = ["UsageError", "main"]
 
 
-class UsageError(Exception):
-    """Bad input that is not a recipe field (a run folder, a flag)."""
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
-def _fail(msg: str) -> int:
-    print(f"qtemperate: error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-
-
-def _fresh_run_dir(recipe: Recipe) -> Path:
-    """``runs/<name>``, or ``runs/<name>-2``, ``-3``... when it already holds a run."""
-    base = recipe.output_dir / recipe.name
-    candidate, n = base, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``): the run unwinds as on
+    Ctrl-C, a checkpoint being written is finished or discarded, never half-written."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave it be
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
@@ -83,38 +100,52 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qtemperate.preflight import preflight
+    from qtemperate.preflight import degenerate_settings, preflight
+    from qtemperate.run_dir import check_allow_changes, claim_fresh, claim_run_dir
 
     recipe = load_recipe(args.recipe, args.set or [])
+    allow = check_allow_changes(args.allow_change or [])
+    if allow and not args.resume:
+        raise UsageError("--allow-change only applies with --resume")
     preflight(recipe)
-    if args.run_dir:
-        run_dir = Path(args.run_dir)
-    elif args.resume:
-        run_dir = recipe.output_dir / recipe.name
-    else:
-        run_dir = _fresh_run_dir(recipe)
-    if args.resume and not (run_dir / "checkpoint.pt").is_file() and not (run_dir / "summary.json").is_file():
-        raise UsageError(f"--resume: no checkpoint in {run_dir}")
-    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(f"--run-dir {run_dir} already holds a run; use --resume or another folder")
-    from qtemperate.trainer import Trainer, TrainingDiverged
-
+    for message in degenerate_settings(recipe):
+        warnings.warn(message, QtemperateWarning, stacklevel=1)
     if args.offline:
         os.environ["WANDB_MODE"] = "offline"
-    trainer = Trainer(recipe, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
-    t0 = time.perf_counter()
-    try:
-        summary = trainer.run()
-    except TrainingDiverged as exc:
-        print(f"qtemperate: {exc}", file=sys.stderr)
-        return 1
+    from qtemperate.trainer import Trainer, TrainingDiverged
+    from qtemperate.training.resume import describe_kept
+
+    with _sigterm_unwinds():
+        if args.run_dir or args.resume:
+            folder = claim_run_dir(Path(args.run_dir or recipe.output_dir / recipe.name), resume=args.resume)
+        else:
+            folder = claim_fresh(recipe.output_dir / recipe.name)
+        with folder:
+            run_dir = folder.path
+            trainer = Trainer(recipe, run_dir=run_dir, resume=args.resume, progress=not args.no_progress,
+                              tracking_mode="offline" if args.offline else None, allow_changes=allow)
+            t0 = time.perf_counter()
+            resume = f"qtemperate run {args.recipe} --resume --run-dir {run_dir}"
+            try:
+                summary = trainer.run()
+            except KeyboardInterrupt as exc:
+                code = EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+                what = "terminated (SIGTERM)" if code == EXIT_TERMINATED else "interrupted"
+                kept = describe_kept(run_dir, recipe.total_epochs)
+                raise Interrupted(f"{what}; kept in {run_dir}: {kept}; continue with: {resume}", code) from None
+            except TrainingDiverged as exc:
+                kept = describe_kept(run_dir, recipe.total_epochs)
+                reuse = run_dir / "teacher.pt"
+                hint = f"; a new run can reuse its teacher: teacher.checkpoint: {reuse}" if reuse.is_file() else ""
+                exc.args = (f"{exc}; kept in {run_dir}: {kept}{hint}",)
+                raise
     _print_summary(summary, run_dir)
     print(f"(this invocation: {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from qtemperate.preflight import preflight
+    from qtemperate.preflight import degenerate_settings, preflight
 
     bad = 0
     for path in args.recipes:
@@ -122,9 +153,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             recipe = load_recipe(path, args.set or [])
             if args.check_files:
                 preflight(recipe)
+            for message in degenerate_settings(recipe):
+                warnings.warn(f"{path}: {message}", QtemperateWarning, stacklevel=1)
             print(f"ok: {path} ({len(recipe.stages)} stages, {recipe.total_epochs} epochs)")
-        except RecipeError as exc:
-            print(f"qtemperate: error: {exc}", file=sys.stderr)
+        except (RecipeError, BadInput, FileNotFoundError) as exc:
+            print(f"qtemperate: error: {one_line(exc)}", file=sys.stderr)
             bad += 1
     return EXIT_BAD_INPUT if bad else 0
 
@@ -133,7 +166,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qtemperate.planner import plan_recipe
 
     recipe = load_recipe(args.recipe, args.set or [])
-    result = plan_recipe(recipe)
+    try:
+        result = plan_recipe(recipe)
+    except ValueError as exc:  # an unreachable target names its field
+        raise BadInput(str(exc)) from None
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -170,8 +206,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from qtemperate.compare import export_run
+    from qtemperate.run_dir import claim_run_dir
 
-    report = export_run(Path(args.run_dir), batch_sizes=tuple(args.batch_sizes))
+    with _sigterm_unwinds(), claim_run_dir(Path(args.run_dir), purpose="export"):
+        report = export_run(Path(args.run_dir), batch_sizes=tuple(args.batch_sizes))
     print(json.dumps(report, indent=2))
     return 0
 
@@ -189,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe field (repeatable)")
     r.add_argument("--resume", action="store_true", help="continue runs/<name> from its last checkpoint")
     r.add_argument("--run-dir", help="output folder (default runs/<name>, or a fresh -N suffix)")
-    r.add_argument("--offline", action="store_true", help="force W&B offline mode")
+    r.add_argument("--allow-change", action="append", metavar="FIELD",
+                   help="with --resume: accept a changed recipe field that cannot change results "
+                   "(data.num_workers, tracking.*, export.*; repeatable)")
+    r.add_argument("--offline", action="store_true", help="force W&B offline mode (wins over tracking.mode)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.set_defaults(func=cmd_run)
 
@@ -218,19 +259,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warnings(previous: Any) -> Any:
+    """A ``warnings.showwarning`` printing qtemperate's own warnings as one line each;
+    other libraries' warnings keep their format."""
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        if issubclass(category, QtemperateWarning):
+            print(f"qtemperate: warning: {one_line(message)}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qtemperate`` console script."""
+    """Entry point of the ``qtemperate`` console script; the exit codes are
+    :mod:`qtemperate.errors`'s (0 ok, 1 bug, 2 bad input, 3 environment, 4 diverged,
+    130 Ctrl-C, 143 SIGTERM)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(previous)
     try:
         return int(args.func(args))
-    except (RecipeError, UsageError) as exc:
-        return _fail(str(exc))
-    except FileNotFoundError as exc:
-        return _fail(str(exc))
-    except KeyboardInterrupt:
-        print("qtemperate: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+    except SystemExit:
+        raise
+    except BaseException as exc:  # every failure ends here: one line and its exit code
+        code, message, trace = classify(exc)
+        if trace:  # a bug: the traceback is the report
+            traceback.print_exc()
+    finally:
+        warnings.showwarning = previous
+    prefix = "qtemperate: " if code in (EXIT_INTERRUPTED, EXIT_TERMINATED) else "qtemperate: error: "
+    print(prefix + message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ takes) and each runs one forward pass of a batch shaped like the data
 (:func:`qtemperate.training.architecture.check_model`): a bad import path, a missing
 factory, an incompatible signature or a model that does not fit the data is reported
 here, by ``validate --check-files`` and by ``run`` before its run folder exists.
+Checkpoints are read as data only
+(:func:`qtemperate.checkpoint.load_checkpoint`): nothing in a file runs.
+
+:func:`check_bundle` checks the data once it is loaded (labels inside the class
+range) and :func:`degenerate_settings` lists settings that work but are unlikely to
+be meant (a batch larger than the dataset, a handful of images, 2-bit stages): the
+run prints them as warnings.
 """
 
 from __future__ import annotations
@@ -20,12 +27,19 @@ from typing import Any
 
 import torch
 
+from qtemperate.checkpoint import (
+    STATE_DICT_HINT,
+    check_state_dict,
+    load_checkpoint,
+    state_dict_from,
+)
+from qtemperate.data import DataBundle, DatasetOptionError, check_data_available
 from qtemperate.data import DatasetInfo as DatasetInfo
-from qtemperate.data import DatasetOptionError, check_data_available
 from qtemperate.data import dataset_info as _dataset_info
+from qtemperate.errors import BadInput, CheckpointError, DataFormatError
 from qtemperate.recipe import Recipe, RecipeError
 
-__all__ = ["DatasetInfo", "check_models", "dataset_info", "preflight"]
+__all__ = ["DatasetInfo", "check_bundle", "check_models", "dataset_info", "degenerate_settings", "preflight"]
 
 
 def dataset_info(name: str, kwargs: dict[str, Any] | None = None) -> DatasetInfo:
@@ -63,11 +77,13 @@ def preflight(recipe: Recipe, check_data: bool = True) -> DatasetInfo:
     """Check what the recipe points at; raise :class:`RecipeError` naming the problem.
 
     Checks: ``data.kwargs`` are options the dataset's builder takes, the data
-    folder/files exist (no downloads), the teacher checkpoint exists and loads, its
-    classifier width equals the dataset's class count (as the dataset states it for
-    these options, e.g. 20 for cifar100 ``label_mode: coarse``), an explicit
-    ``num_classes`` in teacher/student kwargs agrees with the data, and the models
-    build and fit the data (:func:`check_models`).
+    folder/files exist (no downloads), the teacher checkpoint exists and loads as data
+    (a pickled model is refused, saying how to save a state dict), its classifier
+    width equals the dataset's class count (as the dataset states it for these
+    options, e.g. 20 for cifar100 ``label_mode: coarse``), every key and shape of it
+    fits ``teacher.model`` built for the data, an explicit ``num_classes`` in
+    teacher/student kwargs agrees with the data, and the models build and fit the data
+    (:func:`check_models`).
 
     Returns:
         The dataset's facts.
@@ -92,20 +108,18 @@ def preflight(recipe: Recipe, check_data: bool = True) -> DatasetInfo:
         path = Path(ckpt)
         if not path.is_file():
             raise RecipeError(f"teacher.checkpoint: file not found: {path}")
+        what = "teacher.checkpoint"
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # corrupt or foreign file: name it, don't trace back
-            raise RecipeError(f"teacher.checkpoint: cannot load {path} ({exc.__class__.__name__})") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise RecipeError(f"teacher.checkpoint: {path} does not hold a state dict")
+            state = state_dict_from(load_checkpoint(path, what=what, hint=STATE_DICT_HINT), path, what)
+        except CheckpointError as exc:  # already names the field; a recipe error like the others
+            raise RecipeError(str(exc)) from None
         width = _classifier_outputs(state)
         if width is not None and width != info.num_classes:
             raise RecipeError(
                 f"teacher.checkpoint: classifier has {width} outputs but data "
                 f"{recipe.data.name!r} has {info.num_classes} classes ({path})"
             )
+        _check_teacher_fits(recipe, info, state, path)
     return info
 
 
@@ -163,3 +177,67 @@ def check_models(recipe: Recipe, info: DatasetInfo) -> None:
                 f"{tuple(t_out[head].shape)}; a distilled head needs the same shape "
                 f"(or give it distillation.head_weights.{head}: 0)"
             )
+def _check_teacher_fits(recipe: Recipe, info: DatasetInfo, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every key and shape of the teacher checkpoint fits ``teacher.model`` for this data."""
+    from qtemperate.training.architecture import build_recipe_model
+
+    t = recipe.teacher
+    model = build_recipe_model(recipe, "teacher", info.num_classes, info.in_channels)
+    try:
+        check_state_dict(model, state, f"teacher.checkpoint: {path}")
+    except BadInput as exc:
+        raise RecipeError(f"{exc} (teacher.model {t.model!r}, kwargs {dict(t.kwargs)})") from None
+
+
+SMALL_PER_CLASS = 10
+"""Fewer training images per class than this is "a handful": the run warns."""
+
+
+def degenerate_settings(recipe: Recipe, train_size: int | None = None) -> list[str]:
+    """Settings that run but are unlikely to be meant, one message each.
+
+    Args:
+        recipe: The recipe.
+        train_size: Training samples, once the data is loaded (``None``: recipe-only checks).
+    """
+    out = []
+    for i, st in enumerate(recipe.stages):
+        if st.quantized and min(st.weight_bits, st.act_bits) <= 2:
+            out.append(
+                f"stages.{i}: W{st.weight_bits}A{st.act_bits}: 2-bit stages rarely keep a useful "
+                "accuracy; expect a large drop"
+            )
+    if train_size is not None:
+        b = recipe.data.batch_size
+        if b > train_size:
+            out.append(f"data.batch_size {b} is larger than the {train_size} training samples: "
+                       "one partial batch per epoch")
+        info = dataset_info(recipe.data.name, recipe.data.kwargs)
+        if train_size < SMALL_PER_CLASS * info.num_classes:
+            out.append(f"only {train_size} training samples for {info.num_classes} classes: "
+                       "accuracy figures will mostly be noise")
+    return out
+
+
+def check_bundle(recipe: Recipe, bundle: DataBundle) -> list[str]:
+    """Check loaded data; return the :func:`degenerate_settings` warnings.
+
+    Raises:
+        DataFormatError: labels outside ``0..num_classes-1`` in a split (named).
+    """
+    from qtemperate.data import dataset_targets
+
+    for split, ds in (("train", bundle.train), ("test", bundle.test), ("validation", bundle.val)):
+        if ds is None:
+            continue
+        try:
+            y = dataset_targets(ds)
+        except TypeError:  # a lazy dataset without a label list: not checkable without reading it all
+            continue
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= bundle.num_classes):
+            bad = y[(y < 0) | (y >= bundle.num_classes)]
+            raise DataFormatError(
+                f"data: {split} labels include {int(bad[0])} ({bad.numel()} samples) but dataset "
+                f"{recipe.data.name!r} has {bundle.num_classes} classes (0..{bundle.num_classes - 1})"
+            )
+    return degenerate_settings(recipe, len(bundle.train))

@@ -37,6 +37,7 @@ from pydantic_core import PydanticCustomError
 
 # FLOAT_BITS stays importable from here; the bit-width facts live in qtemperate.bits.
 from qtemperate.bits import FLOAT_BITS, QUANT_BITS, check_bits, check_stage_bits, is_quantized
+from qtemperate.errors import BadInput
 from qtemperate.temperature import TEMPERATURE_SCHEDULES, TemperatureSchedule, settings_model
 
 __all__ = [
@@ -64,8 +65,8 @@ __all__ = [
 Int = Annotated[int, Strict()]
 
 
-class RecipeError(ValueError):
-    """A recipe (or one of the files it names) is invalid. The message names the field."""
+class RecipeError(BadInput, ValueError):
+    """A recipe (or one of the files it names) is invalid. The message names the field (exit 2)."""
 
 
 class _Strict(BaseModel):

@@ -20,32 +20,43 @@
    ``qtemperate export``), and ``summary.json``.
 
 Metrics go through :mod:`qtemperate.tracking`; this module never imports wandb.
+
+The run folder is owned for the whole run (:mod:`qtemperate.run_dir`: an OS lock; a
+resumed recipe must match the record), every file is written atomically, and a
+resumed run reads everything it continues from (:mod:`~qtemperate.training.resume`)
+before it writes anything.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from qtemperate.checkpoint import load_checkpoint, save_atomic, save_student
+from qtemperate._faults import fault_point
+from qtemperate.arch_spec import describe_architecture
+from qtemperate.atomic import write_json_atomic
+from qtemperate.checkpoint import save_atomic, save_student
 from qtemperate.data import DataBundle, RunLoaders, build_datasets, build_run_loaders
+from qtemperate.errors import CheckpointError, DataFormatError, QtemperateWarning
 from qtemperate.heads import Task
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
+from qtemperate.preflight import check_bundle
 from qtemperate.recipe import Recipe
+from qtemperate.run_dir import check_resume_compatible, claim_run_dir, metrics_size
 from qtemperate.size import SizeReport, model_size
 from qtemperate.tracking import MetricLogger, build_loggers
 from qtemperate.training.checkpointing import (
     CHECKPOINT,
     Progress,
-    TrainingCheckpoint,
-    load_training_checkpoint,
     save_training_checkpoint,
 )
 from qtemperate.training.console import Console
@@ -54,9 +65,15 @@ from qtemperate.training.evaluate import evaluate
 from qtemperate.training.guards import TrainingDiverged, TrainingInterrupted
 from qtemperate.training.loop import Distiller, LrPlan
 from qtemperate.training.optimizer import build_optimizer
-from qtemperate.training.seed import seed_all
+from qtemperate.training.resume import STUDENT_ARCH_FORMAT, SUMMARY, ResumeState, load_resume_state
+from qtemperate.training.seed import phase_seed, seed_all
 from qtemperate.training.stages import enter_stage
-from qtemperate.training.student import STUDENT_ARCH_FILE, derive_student
+from qtemperate.training.student import (
+    STUDENT_ARCH_FILE,
+    check_student_target,
+    derive_student,
+    student_source,
+)
 from qtemperate.training.teacher import (
     TeacherLogits,
     cache_teacher_logits,
@@ -66,9 +83,15 @@ from qtemperate.training.teacher import (
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "evaluate", "resolve_device"]
 
-SUMMARY = "summary.json"
 CALIBRATION_BATCHES = 20
 """Batches of training data used for BatchNorm re-estimation after pruning."""
+
+
+@dataclass
+class _RunData:
+    bundle: DataBundle
+    loaders: RunLoaders
+    example: torch.Tensor
 
 
 class Trainer:
@@ -82,6 +105,9 @@ class Trainer:
         progress: Show progress bars and one line per epoch.
         stop_after_epochs: Raise :class:`TrainingInterrupted` after that many global
             epochs have been checkpointed (simulates a killed run).
+        tracking_mode: Override ``tracking.mode`` (the CLI's ``--offline``).
+        allow_changes: Recipe fields that may differ from the record on resume
+            (:data:`qtemperate.run_dir.SAFE_ON_RESUME`).
     """
 
     def __init__(
@@ -92,6 +118,8 @@ class Trainer:
         loggers: MetricLogger | None = None,
         progress: bool = True,
         stop_after_epochs: int | None = None,
+        tracking_mode: str | None = None,
+        allow_changes: Sequence[str] = (),
     ) -> None:
         self.recipe = recipe
         self.run_dir = Path(run_dir) if run_dir is not None else recipe.output_dir / recipe.name
@@ -100,59 +128,94 @@ class Trainer:
         self.stop_after_epochs = stop_after_epochs
         self.device = resolve_device(recipe.device)
         self._logger = loggers
+        self.tracking_mode = tracking_mode
+        self.allow_changes = tuple(allow_changes)
         self.teacher_logits_cached = False
         self.step_offset = 0  # student steps are logged after the teacher's: one increasing step
 
     # -- the run --------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run (or resume) the recipe; return the summary (also in ``summary.json``)."""
+        """Run (or resume) the recipe; return the summary (also in ``summary.json``).
+
+        Everything a failure could be found in (the record, the resume files, the data,
+        the size target) is checked before the first write; a fresh folder this call
+        created is removed again when that fails.
+        """
         r = self.recipe
         t_start = time.perf_counter()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_path = self.run_dir / CHECKPOINT
-        ckpt = load_training_checkpoint(ckpt_path) if self.resume and ckpt_path.is_file() else None
-        if self.resume and ckpt is None and (self.run_dir / SUMMARY).is_file():
-            return json.loads((self.run_dir / SUMMARY).read_text())
-        (self.run_dir / "recipe.yaml").write_text(
-            f"# Resolved recipe. Re-run: qtemperate run {self.run_dir / 'recipe.yaml'}\n" + r.to_yaml()
-        )
-        logger = self._logger or build_loggers(
-            list(r.tracking.loggers), self.run_dir, project=r.tracking.project, group=r.group,
-            name=self.run_dir.name, mode=r.tracking.mode, tags=list(r.tracking.tags),
-            config=r.model_dump(mode="json"), resume=self.resume,
-        )
-        try:
-            return self._pipeline(ckpt, logger, t_start)
-        finally:
-            logger.finish()
+        with claim_run_dir(self.run_dir, resume=self.resume) as folder:
+            state = ResumeState()
+            if self.resume:
+                for key, old, new in check_resume_compatible(self.run_dir, r, self.allow_changes):
+                    self.console.say(f"resume: {key} changed ({old} -> {new}), allowed")
+                state = load_resume_state(self.run_dir, self.device)
+                if state.summary is not None:
+                    self.console.say(f"{self.run_dir}: the run already finished")
+                    return state.summary
+                self.console.say(f"resuming {self.run_dir} {state.start}")
+            data = self._data()
+            if state.teacher is None and state.student_arch is None and r.teacher.checkpoint is None:
+                # The teacher will train: check now that the student it leads to can exist.
+                check_student_target(r, data.bundle.num_classes, data.bundle.in_channels, data.example)
+            folder.begin(r, state.metrics_bytes if self.resume else None)
+            mode = self.tracking_mode or r.tracking.mode
+            logger = self._logger or build_loggers(
+                list(r.tracking.loggers), self.run_dir, project=r.tracking.project, group=r.group,
+                name=self.run_dir.name, mode=mode, tags=list(r.tracking.tags),
+                config=r.model_dump(mode="json"), resume=self.resume,
+            )
+            try:
+                return self._pipeline(state, data, logger, t_start)
+            finally:
+                logger.finish()
 
-    def _pipeline(self, ckpt: TrainingCheckpoint | None, logger: MetricLogger, t_start: float) -> dict[str, Any]:
-        r, device, say = self.recipe, self.device, self.console.say
+    def _data(self) -> _RunData:
+        """Datasets and loaders; bad data (a malformed file, labels outside the classes)
+        is bad input, found here before anything is written."""
+        r, d = self.recipe, self.recipe.data
         seed_all(r.seed)
-        d = r.data
-        bundle = build_datasets(
-            d.name, root=d.root, val_fraction=d.val_fraction, limit_train=d.limit_train,
-            limit_test=d.limit_test, seed=r.seed, augment=d.augment, **d.kwargs,
-        )
+        try:
+            bundle = build_datasets(
+                d.name, root=d.root, val_fraction=d.val_fraction, limit_train=d.limit_train,
+                limit_test=d.limit_test, seed=r.seed, augment=d.augment, **d.kwargs,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, DataFormatError):
+                raise
+            raise DataFormatError(f"data: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
+        for message in check_bundle(r, bundle):
+            warnings.warn(message, QtemperateWarning, stacklevel=2)
         loaders = build_run_loaders(bundle, d.batch_size, d.eval_batch_size, d.num_workers, r.seed)
-        example = loaders.example_input.to(device)
+        return _RunData(bundle, loaders, loaders.example_input.to(self.device))
+
+    def _pipeline(self, state: ResumeState, data: _RunData, logger: MetricLogger, t_start: float) -> dict[str, Any]:
+        r, device, say = self.recipe, self.device, self.console.say
+        bundle, loaders, example = data.bundle, data.loaders, data.example
+        ckpt = state.checkpoint
         task = Task.from_recipe(r)  # which output is scored, each head's task loss
         logger.log_config(r.model_dump(mode="json"))
 
         # 1. The teacher.
         teacher, self.step_offset = prepare_teacher(
-            r, bundle, loaders, self.run_dir, self.resume, device, logger, self.console)
+            r, bundle, loaders, self.run_dir, self.resume, device, logger, self.console,
+            saved=state.teacher, training=state.teacher_training)
         teacher_acc, _ = evaluate(teacher, loaders.test, device, task)
         t_size = model_size(teacher, example)
 
         # 2. The student architecture (restored on resume: pruning is not repeated).
-        arch, plan = self._student_arch(ckpt, teacher, bundle, loaders, example, t_size)
+        # Each phase starts from its own seed, so a run resumed at a phase boundary
+        # draws what an uninterrupted run draws there.
+        seed_all(phase_seed(r.seed, "student"))
+        arch, plan = self._student_arch(state, teacher, bundle, loaders, example, t_size)
+        if ckpt is None:
+            seed_all(phase_seed(r.seed, "stages"))
 
         # 3. Teacher logits: cached once when the data is fixed.
         cache, why = should_cache_logits(r.distillation.cache_teacher_logits, bundle.augmented)
         self.teacher_logits_cached = cache
         say(f"teacher logits cached: {'yes' if cache else 'no'} ({why})")
-        logger.log({"teacher_logits_cached": int(cache)}, self.step_offset)
+        if ckpt is None:  # logged before the first checkpoint: a resumed run has it already
+            logger.log({"teacher_logits_cached": int(cache)}, self.step_offset)
         teacher_out = TeacherLogits(teacher, cache_teacher_logits(teacher, loaders, device) if cache else None)
 
         # 4. The stages, epoch by epoch.
@@ -169,9 +232,13 @@ class Trainer:
             stage = sched.stages[stage_idx]
             student = enter_stage(student, stage, False, r.student, device, calibration=None)
             quantized_now = stage.quantized
-            student.load_state_dict(ckpt.model)
-            opt = build_optimizer(student, r.optimizer, stage.lr or r.optimizer.lr)
-            opt.load_state_dict(ckpt.optimizer)
+            try:
+                student.load_state_dict(ckpt.model)
+                opt = build_optimizer(student, r.optimizer, stage.lr or r.optimizer.lr)
+                opt.load_state_dict(ckpt.optimizer)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{self.run_dir / CHECKPOINT}: does not fit the run's student "
+                                      f"({type(exc).__name__})") from None
             ckpt.restore_rng()
 
         bounds = sched.stage_bounds()
@@ -182,6 +249,7 @@ class Trainer:
             stage = sched.stages[idx]
             if idx != stage_idx:
                 student = enter_stage(student, stage, quantized_now, r.student, device, loaders.calib)
+                fault_point("stage_switch")
                 quantized_now = quantized_now or stage.quantized
                 stage_idx = idx
                 opt = build_optimizer(student, r.optimizer, stage.lr or r.optimizer.lr)
@@ -210,6 +278,7 @@ class Trainer:
                 prog.stages.append(self._stage_record(st, stage.epochs, acc, student))
             prog.elapsed_s += time.perf_counter() - t_start
             t_start = time.perf_counter()
+            prog.metrics_bytes = metrics_size(self.run_dir)
             save_training_checkpoint(self.run_dir / CHECKPOINT, prog, sched, stage_idx, student, opt)
             if self.stop_after_epochs is not None and self.stop_after_epochs <= epoch + 1 < sched.total_epochs:
                 raise TrainingInterrupted(f"stopped after epoch {epoch} (stop_after_epochs)")
@@ -218,14 +287,16 @@ class Trainer:
         student.eval()
         student_acc, _ = evaluate(student, loaders.test, device, task)
         final = sched.stages[-1]
+        arch_model, arch_kwargs, arch_path = student_source(r, bundle.num_classes, bundle.in_channels)
         save_student(self.run_dir / "student.pt", arch, student, final.weight_bits, final.act_bits,
                      r.student.first_last_bits, r.student.per_channel,
-                     extra={"recipe": r.name, "student_acc": student_acc})
+                     extra={"recipe": r.name, "student_acc": student_acc},
+                     arch_model=arch_model, arch_kwargs=arch_kwargs, arch_search_path=arch_path)
         s_size = model_size(student, example)
         export = self._export(student, teacher, bundle)
         prog.elapsed_s += time.perf_counter() - t_start
         summary = self._summary(teacher_acc, student_acc, t_size, s_size, plan, prog, export)
-        (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+        write_json_atomic(self.run_dir / SUMMARY, summary)
         logger.log_summary(summary)
         cols = ["name", "weight_bits", "act_bits", "epochs", "final_T", "accuracy", "bytes"]
         logger.log_table("stages", cols, [[s[c] for c in cols] for s in prog.stages])
@@ -234,14 +305,13 @@ class Trainer:
 
     # -- named steps ------------------------------------------------------------------
     def _student_arch(
-        self, ckpt: TrainingCheckpoint | None, teacher: nn.Module, bundle: DataBundle,
+        self, state: ResumeState, teacher: nn.Module, bundle: DataBundle,
         loaders: RunLoaders, example: torch.Tensor, t_size: SizeReport,
     ) -> tuple[nn.Module, dict[str, Any]]:
-        """The pruned float student: restored on resume, else derived and saved."""
+        """The pruned float student: restored on resume, else derived and saved as data."""
         path = self.run_dir / STUDENT_ARCH_FILE
-        if ckpt is not None and path.is_file():
-            saved = load_checkpoint(path, self.device)
-            return saved["arch"], saved["plan"]
+        if state.student_arch is not None:
+            return state.student_arch
         calibration = []
         for i, batch in enumerate(loaders.calib):
             if i >= CALIBRATION_BATCHES:
@@ -252,7 +322,10 @@ class Trainer:
             calibration=calibration, teacher_size=t_size,
         )
         plan = {"prune_ratio": None} if report is None else report.to_dict()
-        save_atomic({"arch": arch, "plan": plan}, path)
+        name, kwargs, search = student_source(self.recipe, bundle.num_classes, bundle.in_channels)
+        spec = describe_architecture(arch, name, kwargs, search_path=search)
+        save_atomic({"format": STUDENT_ARCH_FORMAT, "arch": spec.to_dict(), "state_dict": arch.state_dict(),
+                     "plan": plan}, path)
         return arch, plan
 
     def _record_epoch(

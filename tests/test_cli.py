@@ -196,3 +196,32 @@ def test_run_a_multi_output_detector_with_per_head_temperatures(tmp_path: Path) 
     with torch.no_grad():
         acc = float((student(x)["logits"].argmax(1) == y).float().mean())
     assert summary["student_acc"] == pytest.approx(acc)
+def test_a_bug_exits_1_with_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import qtemperate.planner as planner
+
+    def broken(recipe: object) -> None:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(planner, "plan_recipe", broken)
+    assert main(["plan", str(_write(tmp_path, tiny_recipe(tmp_path)))]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError" in err
+    assert err.strip().splitlines()[-1] == (
+        "qtemperate: error: internal error (a bug, please report it): ZeroDivisionError: division by zero")
+
+
+def test_degenerate_settings_warn_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_recipe(tmp_path)
+    raw["stages"][1].update(weight_bits=2, act_bits=2)
+    path = _write(tmp_path, raw)
+    assert main(["validate", str(path)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"qtemperate: warning: {path}: stages.1: W2A2: 2-bit stages rarely keep a useful accuracy; "
+                   "expect a large drop"]
+
+
+def test_unreachable_target_in_plan_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tiny_recipe(tmp_path, student={"target_size_ratio": 0.002, "max_layer_ratio": 0.5})
+    assert main(["plan", str(_write(tmp_path, raw))]) == 2
+    assert _one_error_line(capsys).startswith("qtemperate: error: student.target_size_ratio=0.002 not reachable")

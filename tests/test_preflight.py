@@ -182,3 +182,45 @@ def test_plan_sizes_a_20_class_head_for_cifar100_coarse(tmp_path: Path) -> None:
     assert plan["teacher"]["params"] == params(20) != params(100)
     with pytest.raises(RecipeError, match=r"^data\.kwargs\.label_mod: "):
         plan_recipe(_recipe(tmp_path, {"name": "cifar100", "kwargs": {"label_mod": "coarse"}}))
+
+
+# --------------------------------------------------------------------------- untrusted checkpoints, loaded data
+
+
+def test_teacher_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    from tests.malicious import evil_torch_file
+
+    marker = tmp_path / "ran"
+    ckpt = evil_torch_file(tmp_path / "teacher.pt", marker)
+    recipe = _recipe(tmp_path, {"name": "digits"}, {"model": "small_cnn", "checkpoint": str(ckpt)})
+    with pytest.raises(RecipeError, match=r"^teacher.checkpoint: refused to load .*teacher.pt"):
+        preflight(recipe)
+    assert not marker.exists()
+
+
+def test_teacher_checkpoint_shapes_must_fit_the_model(tmp_path: Path) -> None:
+    state = build_model("small_cnn", num_classes=10, in_channels=1, width=16).state_dict()
+    torch.save(state, tmp_path / "w16.pt")
+    recipe = _recipe(tmp_path, {"name": "digits"},
+                     {"model": "small_cnn", "kwargs": {"width": 8}, "checkpoint": str(tmp_path / "w16.pt")})
+    with pytest.raises(RecipeError, match=r"teacher.checkpoint: .*w16.pt does not fit the model: conv1.weight is "
+                                          r"\(16, 1, 3, 3\) in the file but \(8, 1, 3, 3\).*teacher.model 'small_cnn'"):
+        preflight(recipe)
+
+
+def test_degenerate_settings_and_labels(tmp_path: Path) -> None:
+    from qtemperate.errors import DataFormatError
+    from qtemperate.preflight import check_bundle, degenerate_settings
+
+    recipe = _recipe(tmp_path, {"name": "digits", "batch_size": 256},
+                     stages=[{"epochs": 1, "weight_bits": 8, "act_bits": 8}, {"epochs": 1, "weight_bits": 2, "act_bits": 2}])
+    msgs = degenerate_settings(recipe, train_size=50)
+    assert any(m.startswith("stages.1: W2A2") for m in msgs)
+    assert any("data.batch_size 256 is larger than the 50 training samples" in m for m in msgs)
+    assert any("only 50 training samples for 10 classes" in m for m in msgs)
+    assert degenerate_settings(_recipe(tmp_path, {"name": "digits"}), train_size=1000) == []
+    bundle = D.build_datasets("digits", limit_train=300, limit_test=50)
+    assert check_bundle(_recipe(tmp_path, {"name": "digits"}), bundle) == []
+    bundle.test.tensors[1][3] = 12
+    with pytest.raises(DataFormatError, match=r"data: test labels include 12 \(1 samples\) .* 10 classes \(0..9\)"):
+        check_bundle(_recipe(tmp_path, {"name": "digits"}), bundle)

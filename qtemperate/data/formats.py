@@ -1,20 +1,30 @@
 """On-disk formats: IDX files (MNIST family), CIFAR python pickle batches, gzip.
 
-Each reader turns one file into tensors and names the file in every error; none of
-them knows about datasets, splits or normalisation (see
+Each reader turns one file into tensors and names the file in every error
+(:class:`~qtemperate.errors.DataFormatError`, a ``ValueError``: exit 2, one line);
+none of them knows about datasets, splits or normalisation (see
 :mod:`qtemperate.data.datasets`).
+
+CIFAR batches are pickles, and unpickling can run code; :func:`load_cifar_batch`
+uses an unpickler that accepts only what that format holds (dicts, lists, bytes,
+numbers and NumPy arrays of numbers) and refuses anything else by name.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import pickle
 import struct
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from qtemperate.errors import DataFormatError
 
 __all__ = ["CIFAR_IMAGE_SHAPE", "load_cifar_batch", "read_idx", "read_maybe_gzip"]
 
@@ -35,16 +45,18 @@ def read_maybe_gzip(path: Path) -> bytes:
     """The bytes of ``path``, decompressed when the file starts with the gzip magic.
 
     Raises:
-        ValueError: naming the file when it cannot be read or decompressed.
+        DataFormatError: naming the file when it cannot be decompressed (a truncated or
+            damaged ``.gz``).
     """
     with open(path, "rb") as fh:
         head = fh.read(2)
-    opener = gzip.open if head == b"\x1f\x8b" else open
+    if head != b"\x1f\x8b":
+        return Path(path).read_bytes()
     try:
-        with opener(path, "rb") as fh:
+        with gzip.open(path, "rb") as fh:
             return fh.read()
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataFormatError(f"cannot read {path}: truncated or damaged gzip file ({exc})") from None
 
 
 def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> torch.Tensor:
@@ -70,27 +82,27 @@ def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> 
         raise FileNotFoundError(f"IDX file not found: {path}")
     data = read_maybe_gzip(path)
     if len(data) < 4:
-        raise ValueError(f"not an IDX file: {path} is only {len(data)} bytes long")
+        raise DataFormatError(f"not an IDX file: {path} is only {len(data)} bytes long")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     magic = struct.unpack(">I", data[:4])[0]
     if zero != 0 or dtype_code not in _IDX_DTYPES or ndim == 0:
-        raise ValueError(
+        raise DataFormatError(
             f"not an IDX file: {path} has magic number {magic} (0x{magic:08x}); "
             "expected 2051 for images or 2049 for labels"
         )
     if expected_ndim is not None and ndim != expected_ndim:
-        raise ValueError(
+        raise DataFormatError(
             f"IDX file {path} has {ndim} dimensions (magic {magic}), expected {expected_ndim}"
         )
     header_len = 4 + 4 * ndim
     if len(data) < header_len:
-        raise ValueError(f"IDX file {path} is truncated inside its header")
+        raise DataFormatError(f"IDX file {path} is truncated inside its header")
     shape = struct.unpack(f">{ndim}I", data[4:header_len])
     dtype = _IDX_DTYPES[dtype_code]
     expected = int(np.prod(shape)) * dtype.itemsize
     payload = len(data) - header_len
     if payload != expected:
-        raise ValueError(
+        raise DataFormatError(
             f"IDX file {path} declares shape {tuple(shape)} ({expected} bytes) "
             f"but holds {payload} bytes of data"
         )
@@ -113,22 +125,62 @@ def load_cifar_batch(path: str | os.PathLike[str], label_key: bytes) -> tuple[to
         ``(images, labels)``: ``uint8`` ``(N, 3, 32, 32)`` and ``int64`` ``(N,)``.
 
     Raises:
-        ValueError: naming the file when it does not unpickle, lacks the keys or holds
-            rows of the wrong length.
+        DataFormatError: naming the file when it does not unpickle, pickles anything but
+            arrays, dicts, lists and numbers (nothing from it is executed), lacks the keys
+            or holds rows of the wrong length.
     """
     path = Path(path)
-    # Pickle can execute code: only load CIFAR archives from a trusted source.
-    with open(path, "rb") as fh:
-        try:
-            batch = pickle.load(fh, encoding="bytes")
-        except Exception as exc:
-            raise ValueError(f"cannot unpickle CIFAR batch {path}: {exc}") from exc
+    try:
+        batch = _CifarUnpickler(io.BytesIO(path.read_bytes())).load()
+    except _Refused as exc:
+        raise DataFormatError(
+            f"refused to load CIFAR batch {path}: it pickles {exc}, which a CIFAR batch never "
+            "holds (loading it could run code)"
+        ) from None
+    except Exception as exc:
+        raise DataFormatError(f"cannot unpickle CIFAR batch {path}: {exc}") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-        raise ValueError(f"CIFAR batch {path} lacks the keys b'data' and {label_key!r}")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
+        raise DataFormatError(f"CIFAR batch {path} lacks the keys b'data' and {label_key!r}")
+    try:
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels_np = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise DataFormatError(f"CIFAR batch {path}: b'data' or labels are not numbers ({exc})") from None
     row = int(np.prod(CIFAR_IMAGE_SHAPE))
     if data.ndim != 2 or data.shape[1] != row:
-        raise ValueError(f"CIFAR batch {path}: b'data' has shape {data.shape}, expected (N, {row})")
+        raise DataFormatError(f"CIFAR batch {path}: b'data' has shape {data.shape}, expected (N, {row})")
     images = torch.from_numpy(data.reshape(-1, *CIFAR_IMAGE_SHAPE).copy())
-    labels = torch.as_tensor(np.asarray(batch[label_key], dtype=np.int64))
+    labels = torch.as_tensor(labels_np)
     return images, labels
+
+
+class _Refused(Exception):
+    """A global a CIFAR batch never holds."""
+
+
+# What numpy arrays and Python 3 bytes pickles reference, and nothing else: rebuilding
+# an ndarray (from its state, or a buffer with protocol 5), its dtype, and (protocol 2
+# from Python 3) bytes via _codecs. None of them calls anything the pickle names.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`_CIFAR_GLOBALS` (``encoding="bytes"``)."""
+
+    def __init__(self, fh: io.BytesIO) -> None:
+        super().__init__(fh, encoding="bytes")
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)

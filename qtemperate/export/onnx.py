@@ -4,10 +4,17 @@ A quantized model is exported in the standard QCDQ form
 (``QuantizeLinear -> [Clip] -> DequantizeLinear``; Brevitas legacy TorchScript exporter)
 and then rewritten by :mod:`qtemperate.export.qcdq` so onnxruntime runs integer kernels
 and the file holds integers; a float model goes through plain ``torch.onnx.export``.
+
+The graph is built in memory and written atomically (:mod:`qtemperate.atomic`): a
+full disk or a killed export never leaves a truncated ``.onnx`` file behind.
 """
 
 from __future__ import annotations
 
+import errno
+import io
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +23,8 @@ import onnx
 import torch
 from torch import nn
 
+from qtemperate.atomic import TEMP_SUFFIX, write_bytes_atomic
+from qtemperate.errors import DiskFull
 from qtemperate.export.qcdq import INT4_OPSET, postprocess_qcdq
 from qtemperate.quantization import is_quantized
 
@@ -54,7 +63,6 @@ def export_onnx(
     if opset is not None and not 13 <= opset <= INT4_OPSET:
         raise ValueError(f"opset must be in 13..{INT4_OPSET}, got {opset}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     export_opset = 17 if opset is None else min(opset, 20)
     kwargs: dict[str, Any] = {
         "input_names": [INPUT_NAME],
@@ -71,18 +79,41 @@ def export_onnx(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if is_quantized(qmodel):
-                from brevitas.export import export_onnx_qcdq
-
-                export_onnx_qcdq(qmodel, x, export_path=str(path), **kwargs)
+                model = _brevitas_qcdq(qmodel, x, path, kwargs)
             else:
+                buf = io.BytesIO()
                 with torch.no_grad():
-                    torch.onnx.export(qmodel, (x,), str(path), **kwargs)
+                    torch.onnx.export(qmodel, (x,), buf, **kwargs)
+                model = onnx.load_model_from_string(buf.getvalue())
     finally:
         qmodel.train(was_training)
     if is_quantized(qmodel):
-        model = onnx.load(str(path))
         model = postprocess_qcdq(model, allow_int4=opset is None or opset >= INT4_OPSET)
         onnx.checker.check_model(model)
-        onnx.save(model, str(path))
+    write_bytes_atomic(path, model.SerializeToString())
     return path
 
+
+
+def _brevitas_qcdq(qmodel: nn.Module, x: torch.Tensor, path: Path, kwargs: dict[str, Any]) -> onnx.ModelProto:
+    """Brevitas' QCDQ export, read back into memory.
+
+    Brevitas' exporter returns nothing for the standard QCDQ manager, so it writes a
+    temporary file beside ``path`` (named like every temporary file, so a killed export
+    leaves nothing a later run does not clean up); the caller writes the final file.
+    """
+    from brevitas.export import export_onnx_qcdq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        export_onnx_qcdq(qmodel, x, export_path=tmp, **kwargs)
+        return onnx.load(tmp)
+    except Exception as exc:
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or "No space left on device" in str(exc):
+            raise DiskFull(path) from None
+        raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)

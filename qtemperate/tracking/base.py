@@ -2,7 +2,9 @@
 
 Nothing outside :mod:`qtemperate.tracking.wandb_logger` imports ``wandb``. A tracking
 failure never stops training: :class:`MultiLogger` warns once about a logger that
-raises and drops it, the others keep going.
+raises and drops it, the others keep going. The exception is the machine itself
+failing (:class:`~qtemperate.errors.EnvironmentProblem`: a full disk): that stops the
+run at once, as the next checkpoint write would.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from qtemperate.errors import EnvironmentProblem
 
 __all__ = ["MetricLogger", "MultiLogger", "Scalar", "check_table", "plain", "safe_name"]
 
@@ -98,6 +102,8 @@ class MultiLogger(MetricLogger):
                 continue
             try:
                 getattr(logger, method)(*args)
+            except EnvironmentProblem:
+                raise
             except Exception as exc:
                 self.failed.append(logger)
                 warnings.warn(

@@ -1,13 +1,21 @@
-"""Plain files in the run folder: metrics.jsonl, config.json, summary.json, tables, artifacts."""
+"""Plain files in the run folder: metrics.jsonl, config.json, summary.json, tables, artifacts.
+
+JSON files are replaced atomically; a full disk while appending a metric stops the
+run with :class:`~qtemperate.errors.DiskFull` (exit 3) rather than silently dropping
+records (a resumed run truncates ``metrics.jsonl`` to its checkpoint).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from qtemperate.atomic import append_text, write_json_atomic
+from qtemperate.errors import environment_problem
 from qtemperate.tracking.base import MetricLogger, Scalar, check_table, plain, safe_name
 
 __all__ = ["JsonlLogger"]
@@ -43,10 +51,7 @@ class JsonlLogger(MetricLogger):
                 self._summary = {}
 
     def _write_json(self, path: Path, obj: Any) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=str, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, obj, indent=2, default=str, sort_keys=True)
 
     def log(self, metrics: Mapping[str, Scalar], step: int) -> None:
         """Append ``{"step": step, **metrics}`` as one line.
@@ -57,10 +62,12 @@ class JsonlLogger(MetricLogger):
         if "step" in metrics:
             raise ValueError("metrics must not contain the key 'step'; pass it as step=")
         if self._fh is None:
-            self._fh = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+            try:
+                self._fh = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise (environment_problem(exc, self.metrics_path) or exc) from None
         record = {"step": int(step), **{str(k): plain(v) for k, v in metrics.items()}}
-        self._fh.write(json.dumps(record, default=str) + "\n")
-        self._fh.flush()
+        append_text(self._fh, self.metrics_path, json.dumps(record, default=str) + "\n")
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         """Write ``config.json``."""
@@ -82,12 +89,14 @@ class JsonlLogger(MetricLogger):
     def log_artifact(self, path: str | os.PathLike[str], name: str, type: str) -> None:
         """Append ``{"name", "type", "path"}`` to ``artifacts.jsonl`` (no copy)."""
         record = {"name": name, "type": type, "path": str(Path(path).resolve())}
-        with open(self.run_dir / "artifacts.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        target = self.run_dir / "artifacts.jsonl"
+        with open(target, "a", encoding="utf-8") as fh:
+            append_text(fh, target, json.dumps(record) + "\n")
 
     def finish(self) -> None:
         """Close ``metrics.jsonl``."""
         if self._fh is not None:
-            self._fh.close()
+            with contextlib.suppress(OSError):  # a full disk was reported when the write failed
+                self._fh.close()
             self._fh = None
 

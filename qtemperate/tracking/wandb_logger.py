@@ -5,24 +5,49 @@ stays fast. Offline runs land in ``run_dir/wandb/offline-run-*/run-<id>.wandb``
 (``wandb sync`` uploads them later). A resumed run continues the same W&B run: the
 logger keeps the run id in ``run_dir/wandb_run_id.txt`` and, with ``resume=True``,
 reopens that id.
+
+W&B never costs a run: before an online run starts, :func:`wandb_online_problem`
+asks the W&B server whether the API key works, within :data:`ONLINE_CHECK_TIMEOUT_S`
+seconds (``wandb.init`` itself may wait 10 s or more per attempt on an unreachable
+server). Without a key, without network, or with a rejected key, the logger writes an
+offline run into the run folder instead and says so once, with the ``wandb sync``
+command that uploads it later.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import netrc
 import os
 import re
+import secrets
+import string
+import threading
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from qtemperate.atomic import write_text_atomic
+from qtemperate.errors import QtemperateWarning
 from qtemperate.tracking.base import MetricLogger, Scalar, plain, safe_name
 
-__all__ = ["RUN_ID_FILE", "WandbLogger", "resolve_wandb_mode", "wandb_api_key_available"]
+__all__ = [
+    "ONLINE_CHECK_TIMEOUT_S",
+    "RUN_ID_FILE",
+    "WandbLogger",
+    "resolve_wandb_mode",
+    "wandb_api_key_available",
+    "wandb_online_problem",
+]
 
 RUN_ID_FILE = "wandb_run_id.txt"
 _WANDB_MODES = ("auto", "online", "offline", "disabled")
+ONLINE_CHECK_TIMEOUT_S = 8.0
+"""Longest the online check may take before the run falls back to offline run files."""
 
 
 def wandb_api_key_available() -> bool:
@@ -50,6 +75,73 @@ def wandb_api_key_available() -> bool:
         if auth and auth[2]:
             return True
     return False
+
+
+def _netrc_key(host: str) -> str | None:
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else [
+        os.path.expanduser("~/.netrc"),
+        os.path.expanduser("~/_netrc"),
+    ]
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            auth = netrc.netrc(path).authenticators(host)
+        except (netrc.NetrcParseError, OSError):
+            continue
+        if auth and auth[2]:
+            return auth[2]
+    return None
+
+
+def _probe(url: str, key: str | None, timeout: float) -> str | None:
+    body = json.dumps({"query": "query Viewer { viewer { id } }"}).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    if key:
+        token = base64.b64encode(f"api:{key}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return f"the W&B API key was rejected (HTTP {exc.code})" if key else None
+        return f"the W&B server answered HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"cannot reach {url.rsplit('/', 1)[0]} ({reason})"
+    if key and not (answer.get("data") or {}).get("viewer"):
+        return "the W&B API key was rejected"
+    return None
+
+
+def wandb_online_problem(base_url: str | None = None, timeout: float = ONLINE_CHECK_TIMEOUT_S) -> str | None:
+    """Why an online W&B run cannot start now, or ``None`` when it can.
+
+    Checks, within ``timeout`` seconds in all (name resolution included): an API key
+    exists (:func:`wandb_api_key_available`), the server at ``base_url`` (default:
+    ``$WANDB_BASE_URL``, else W&B's own default) answers, and it accepts the key.
+    """
+    if not wandb_api_key_available():
+        return "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    if base_url is None:
+        base_url = os.environ.get("WANDB_BASE_URL")
+        if not base_url:
+            import wandb
+
+            base_url = str(wandb.Settings().base_url)
+    base_url = base_url.rstrip("/")
+    host = re.sub(r"^[a-z]+://", "", base_url).split("/")[0].split(":")[0]
+    key = os.environ.get("WANDB_API_KEY") or _netrc_key(host)
+    result: list[str | None] = []
+    # A thread bounds the whole check: urllib's timeout does not cover name resolution.
+    worker = threading.Thread(target=lambda: result.append(_probe(f"{base_url}/graphql", key, timeout)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not result:
+        return f"no answer from {base_url} within {timeout:.0f} s"
+    return result[0]
 
 
 def resolve_wandb_mode(mode: str = "auto") -> str:
@@ -97,7 +189,8 @@ class WandbLogger(MetricLogger):
             ``run_dir/wandb_run_id.txt`` (W&B policy ``"allow"``: a new run when there
             is none); a string is passed to W&B as the resume policy.
         system_stats: Sample CPU/GPU/memory statistics.
-        init_timeout: Seconds ``wandb.init`` may take before it is given up.
+        init_timeout: Seconds ``wandb.init`` may take before it is given up (online,
+            after the server has answered :func:`wandb_online_problem`).
         finish_timeout: Seconds ``finish`` waits for an online upload; what is left
             stays on disk for ``wandb sync`` (0 waits forever).
         settings: Extra ``wandb.Settings`` fields, overriding the defaults above.
@@ -116,7 +209,7 @@ class WandbLogger(MetricLogger):
         run_id: str | None = None,
         resume: bool | str | None = None,
         system_stats: bool = True,
-        init_timeout: float = 60.0,
+        init_timeout: float = 30.0,
         finish_timeout: float = 300.0,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
@@ -126,9 +219,14 @@ class WandbLogger(MetricLogger):
         self.disabled = False
         self._step = 0
         self._finished = False
+        self.fallback_reason: str | None = None
         if self.mode == "disabled":
             self.disabled = True
             return
+        if self.mode == "online":
+            self.fallback_reason = wandb_online_problem()
+            if self.fallback_reason is not None:
+                self.mode = "offline"
         id_file = self.run_dir / RUN_ID_FILE
         if resume is True:
             if run_id is None and id_file.is_file():
@@ -140,32 +238,54 @@ class WandbLogger(MetricLogger):
             import wandb
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            opts: dict[str, Any] = {
-                "mode": self.mode,
-                "init_timeout": float(init_timeout),
-                "console": "off",
-                "x_disable_stats": not system_stats,
-                "reinit": "create_new",
-                "finish_timeout": float(finish_timeout),
-            }
-            known = getattr(wandb.Settings, "model_fields", None)
-            if known:  # drop defaults this wandb version does not have
-                opts = {k: v for k, v in opts.items() if k in known}
-            opts.update(settings or {})
-            self.run = wandb.init(
-                project=project,
-                entity=entity,
-                dir=str(self.run_dir),
-                group=group,
-                name=name,
-                tags=list(tags) if tags else None,
-                config=plain(dict(config)) if config else None,
-                id=run_id,
-                resume=resume,
-                settings=wandb.Settings(**opts),
-            )
+            # One id for both attempts: an offline fallback syncs into the same W&B run.
+            run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+            def init(mode: str) -> Any:
+                opts: dict[str, Any] = {
+                    "init_timeout": float(init_timeout),
+                    "console": "off",
+                    "x_disable_stats": not system_stats,
+                    "reinit": "create_new",
+                    "finish_timeout": float(finish_timeout),
+                }
+                known = getattr(wandb.Settings, "model_fields", None)
+                if known:  # drop defaults this wandb version does not have
+                    opts = {k: v for k, v in opts.items() if k in known}
+                opts.update(settings or {})
+                opts["mode"] = mode
+                return wandb.init(
+                    project=project,
+                    entity=entity,
+                    dir=str(self.run_dir),
+                    group=group,
+                    name=name,
+                    tags=list(tags) if tags else None,
+                    config=plain(dict(config)) if config else None,
+                    id=run_id,
+                    resume=resume,
+                    settings=wandb.Settings(**opts),
+                )
+
+            try:
+                self.run = init(self.mode)
+            except Exception as exc:
+                if self.mode != "online":
+                    raise
+                first = (str(exc).strip().splitlines() or [""])[0]
+                self.fallback_reason = f"wandb.init failed ({type(exc).__name__}: {first})"
+                self.mode = "offline"
+                self.run = init("offline")
             if self.run is not None and getattr(self.run, "id", None):
-                id_file.write_text(str(self.run.id))
+                write_text_atomic(id_file, str(self.run.id))
+            if self.fallback_reason is not None:
+                where = self.run_path or self.run_dir / "wandb"
+                warnings.warn(
+                    f"W&B online unavailable: {self.fallback_reason}; logging offline to {where} "
+                    f"(upload it later: wandb sync {where})",
+                    QtemperateWarning,
+                    stacklevel=2,
+                )
         except Exception as exc:
             self._fail("wandb.init", exc)
 

@@ -12,11 +12,15 @@ import math
 
 import torch
 
+from qtemperate.errors import EXIT_DIVERGED, QtemperateError
+
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "check_finite"]
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/Inf; the run stops without writing a checkpoint for that epoch."""
+class TrainingDiverged(QtemperateError, RuntimeError):
+    """The loss became NaN/Inf; the run stops without writing a checkpoint for that epoch (exit 4)."""
+
+    exit_code = EXIT_DIVERGED
 
 
 class TrainingInterrupted(RuntimeError):
@@ -28,6 +32,6 @@ def check_finite(loss: float | torch.Tensor, where: str) -> None:
     value = float(loss)
     if not math.isfinite(value):
         raise TrainingDiverged(
-            f"{where}: loss is {value} (NaN/Inf); stopping. The last good checkpoint is "
-            "kept; lower the learning rate or raise the temperature and run again with --resume."
+            f"{where}: loss is {value} (NaN/Inf); stopping without saving this epoch. "
+            "Lower the learning rate or raise the temperature"
         )

@@ -6,6 +6,12 @@ the teacher's float bytes; or ``student.prune_ratio``: kept fraction of paramete
 or the recipe's own ``student.model`` (pruned only when it asks for a
 ``prune_ratio``). :func:`derive_student` is the one place that reads those settings,
 so a plan and a run of the same recipe derive the same architecture.
+
+The derived architecture is saved as data (``student_arch.pt``: the factory name and
+kwargs from :func:`student_source`, every layer's shape, the float weights and the
+plan; see :mod:`qtemperate.arch_spec`), never as a pickled module.
+:func:`check_student_target` is the dry run a run makes before its teacher trains, so
+an unreachable size target fails in seconds, not after the teacher's training.
 """
 
 from __future__ import annotations
@@ -16,12 +22,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from qtemperate.errors import BadInput
+from qtemperate.models import resolve_model
 from qtemperate.planner import PlanReport, plan_student
 from qtemperate.recipe import Recipe
 from qtemperate.size import SizeReport
-from qtemperate.training.architecture import build_recipe_model, check_outputs_kept
+from qtemperate.training.architecture import (
+    build_recipe_model,
+    check_outputs_kept,
+    factory_kwargs,
+    model_search_path,
+)
+from qtemperate.training.seed import rng_state, set_rng_state
 
-__all__ = ["STUDENT_ARCH_FILE", "derive_student"]
+__all__ = ["STUDENT_ARCH_FILE", "check_student_target", "derive_student", "student_source"]
 
 STUDENT_ARCH_FILE = "student_arch.pt"
 
@@ -78,3 +92,46 @@ def derive_student(
     )
     check_outputs_kept(base, student, example_input)
     return student, report
+
+
+def student_source(
+    recipe: Recipe, num_classes: int, in_channels: int
+) -> tuple[str, dict[str, Any], list[str]]:
+    """What the student's architecture is rebuilt from: the factory name, the exact kwargs
+    it is called with (recipe kwargs plus the data facts it accepts) and the folders an
+    import path is resolved from — the teacher's when the student is derived from it,
+    else ``student.model``'s."""
+    section = "teacher" if recipe.student.model is None else "student"
+    cfg = getattr(recipe, section)
+    search = model_search_path(recipe)
+    factory = resolve_model(cfg.model, search)
+    kwargs = factory_kwargs(factory, cfg.kwargs, {"num_classes": num_classes, "in_channels": in_channels},
+                            section, cfg.model)
+    return cfg.model, dict(kwargs), [str(p) for p in search]
+
+
+def check_student_target(
+    recipe: Recipe, num_classes: int, in_channels: int, example_input: torch.Tensor
+) -> None:
+    """Derive the student from the untrained architecture (one pruning step, no
+    calibration, as ``qtemperate plan`` does) and fail now if the target cannot be met.
+
+    Widths depend on the per-group pruning ratio only, not on the weights, so this
+    answers for the trained teacher too.
+
+    Raises:
+        BadInput: ``student.target_size_ratio`` or ``student.prune_ratio`` is unreachable.
+    """
+    s = recipe.student
+    if s.target_size_ratio is None and s.prune_ratio is None:
+        return
+    saved = rng_state()  # a check must not change what the run draws next (the teacher's init)
+    try:
+        teacher = build_recipe_model(recipe, "teacher", num_classes, in_channels, "cpu").eval()
+        derive_student(recipe, teacher, num_classes, in_channels, example_input.cpu(), iterative_steps=1)
+    except ValueError as exc:  # the planner's and the pruner's "not reachable"
+        msg = str(exc)
+        field = "student.target_size_ratio" if s.target_size_ratio is not None else "student.prune_ratio"
+        raise BadInput(msg if msg.startswith("student.") else f"{field}: {msg}") from None
+    finally:
+        set_rng_state(saved)

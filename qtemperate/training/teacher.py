@@ -3,9 +3,15 @@
 A run's teacher comes from, in this order: the run folder's own ``teacher.pt`` when
 resuming (the teacher a run trained is never retrained), the recipe's
 ``teacher.checkpoint``, or training from scratch (:func:`train_teacher`: cross-entropy,
-the recipe's optimizer, cosine learning rate over all teacher steps). Whatever it came
-from is saved as ``teacher.pt`` (state dict, model name, kwargs and the number of
-training steps, so the student's metric steps continue after the teacher's).
+the recipe's optimizer, cosine learning rate over all teacher steps). Training writes
+``teacher_training.pt`` after every epoch (weights, optimizer, RNG), so a run killed
+while its teacher trains resumes at the next teacher epoch. Whatever the teacher came
+from is saved as ``teacher.pt`` (state dict, model name, kwargs, the number of
+training steps, so the student's metric steps continue after the teacher's, and the
+length of ``metrics.jsonl``), which supersedes ``teacher_training.pt``.
+
+Checkpoints are read as data only: a ``teacher.checkpoint`` holding a whole pickled
+model is refused with a message saying how to save its state dict instead.
 
 When the training data is not augmented the teacher's logits are computed once
 (:func:`cache_teacher_logits`) and looked up by sample index during distillation; a
@@ -17,17 +23,26 @@ of each head (:class:`~qtemperate.heads.Task`) and scored on its accuracy head.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from qtemperate.checkpoint import load_checkpoint, save_atomic
+from qtemperate._faults import fault_point
+from qtemperate.checkpoint import (
+    STATE_DICT_HINT,
+    check_state_dict,
+    load_checkpoint,
+    save_atomic,
+    state_dict_from,
+)
 from qtemperate.data import DataBundle, RunLoaders
+from qtemperate.errors import CheckpointError
 from qtemperate.heads import Task, targets_to
 from qtemperate.recipe import OptimizerConfig, Recipe
+from qtemperate.run_dir import metrics_size
 from qtemperate.tracking import MetricLogger
 from qtemperate.training.architecture import build_recipe_model
 from qtemperate.training.console import Console
@@ -35,13 +50,16 @@ from qtemperate.training.evaluate import evaluate
 from qtemperate.training.guards import check_finite
 from qtemperate.training.lr_schedule import lr_at, set_lr
 from qtemperate.training.optimizer import build_optimizer
-from qtemperate.training.seed import seed_all
+from qtemperate.training.seed import rng_state, seed_all, set_rng_state
 
 __all__ = [
     "TEACHER_EPOCH_OFFSET",
     "TEACHER_FILE",
+    "TEACHER_TRAINING_FILE",
     "TeacherLogits",
     "cache_teacher_logits",
+    "load_saved_teacher",
+    "load_teacher_training",
     "load_teacher_weights",
     "prepare_teacher",
     "should_cache_logits",
@@ -49,16 +67,49 @@ __all__ = [
 ]
 
 TEACHER_FILE = "teacher.pt"
+TEACHER_TRAINING_FILE = "teacher_training.pt"
 TEACHER_EPOCH_OFFSET = 10_000
 """Teacher epochs draw data order ``(seed, 10_000 + epoch)``: never the student's."""
 
 
-def load_teacher_weights(model: nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:
-    """Load a state dict (or ``{"state_dict": ...}``) from ``path`` into ``model``."""
-    state = load_checkpoint(path, device)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+def load_teacher_weights(
+    model: nn.Module, path: str | Path, device: torch.device | str = "cpu", what: str = "teacher.checkpoint"
+) -> None:
+    """Load a state dict (or ``{"state_dict": ...}``) from ``path`` into ``model``.
+
+    Raises:
+        CheckpointError: the file is not data (e.g. a whole pickled model), or holds no state dict.
+        BadInput: a key or shape does not fit ``model`` (named in the message).
+    """
+    state = state_dict_from(load_checkpoint(path, device, what=what, hint=STATE_DICT_HINT), path, what)
+    check_state_dict(model, state, f"{what}: {path}")
     model.load_state_dict(state)
+
+
+def load_saved_teacher(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a run's ``teacher.pt`` (as data) and check its fields.
+
+    Raises:
+        CheckpointError: unreadable, unsafe, or not a teacher record.
+    """
+    saved = load_checkpoint(path, device)
+    if not isinstance(saved, dict) or not {"state_dict", "model", "kwargs"} <= set(saved):
+        raise CheckpointError(f"{path}: not a qtemperate teacher record (state_dict, model, kwargs)")
+    state_dict_from(saved, path)
+    return saved
+
+
+def load_teacher_training(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read ``teacher_training.pt`` (the per-epoch teacher checkpoint) and check its fields.
+
+    Raises:
+        CheckpointError: unreadable, unsafe, or not a teacher training checkpoint.
+    """
+    saved = load_checkpoint(path, device)
+    keys = {"state_dict", "optimizer", "epoch", "epochs", "step", "rng"}
+    if not isinstance(saved, dict) or not keys <= set(saved):
+        raise CheckpointError(f"{path}: not a qtemperate teacher training checkpoint")
+    return saved
 
 
 def train_teacher(
@@ -72,6 +123,10 @@ def train_teacher(
     logger: MetricLogger | None = None,
     console: Console | None = None,
     task: Task | None = None,
+    *,
+    checkpoint_path: str | Path | None = None,
+    resume_from: dict[str, Any] | None = None,
+    metrics_bytes: Callable[[], int | None] | None = None,
 ) -> int:
     """Train ``model`` with cross-entropy (or ``task``'s per-head task loss) for ``epochs``
     epochs; return the steps taken.
@@ -79,15 +134,26 @@ def train_teacher(
     The learning rate follows :func:`~qtemperate.training.lr_schedule.lr_at` over all
     ``epochs · len(loaders.train)`` steps. After every epoch the test accuracy and loss
     are logged (``teacher/acc``, ``teacher/test_loss``) and printed.
+
+    Args:
+        checkpoint_path: Write a checkpoint there after every epoch (atomically).
+        resume_from: A checkpoint :func:`load_teacher_training` read: training
+            continues after its epoch, exactly as if it had not stopped.
+        metrics_bytes: Returns the length of ``metrics.jsonl``, stored in each checkpoint.
     """
     console = console or Console(False)
     task = task or Task()
     seed_all(seed)
     opt = build_optimizer(model, optimizer, lr)
     total = epochs * len(loaders.train)
-    step = 0
+    step, first = 0, 0
+    if resume_from is not None:
+        model.load_state_dict(resume_from["state_dict"])
+        opt.load_state_dict(resume_from["optimizer"])
+        step, first = int(resume_from["step"]), int(resume_from["epoch"]) + 1
+        set_rng_state(resume_from["rng"])
     model.train()
-    for epoch in range(epochs):
+    for epoch in range(first, epochs):
         loaders.set_epoch(TEACHER_EPOCH_OFFSET + epoch)
         bar = console.bar(loaders.train, desc=f"teacher {epoch + 1}/{epochs}")
         for x, y, _ in bar:
@@ -99,12 +165,20 @@ def train_teacher(
             loss.backward()
             opt.step()
             step += 1
+            fault_point("teacher_step")
             if console.enabled:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         acc, test_loss = evaluate(model, loaders.test, device, task)
         if logger is not None:
             logger.log({"teacher/epoch": epoch, "teacher/acc": acc, "teacher/test_loss": test_loss}, step)
         console.say(f"teacher epoch {epoch + 1}/{epochs}: test acc {acc:.4f}, loss {test_loss:.4f}")
+        if checkpoint_path is not None:
+            save_atomic(
+                {"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                 "epochs": epochs, "step": step, "rng": rng_state(),
+                 "metrics_bytes": metrics_bytes() if metrics_bytes is not None else None},
+                checkpoint_path,
+            )
     return step
 
 
@@ -117,26 +191,48 @@ def prepare_teacher(
     device: torch.device,
     logger: MetricLogger | None = None,
     console: Console | None = None,
+    *,
+    saved: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, int]:
-    """The run's teacher (see the module docstring) in eval mode, and its training steps."""
+    """The run's teacher (see the module docstring) in eval mode, and its training steps.
+
+    Args:
+        resume: Reuse the run folder's ``teacher.pt`` / ``teacher_training.pt``.
+        saved: ``teacher.pt`` already read by the caller (:func:`load_saved_teacher`).
+        training: ``teacher_training.pt`` already read (:func:`load_teacher_training`).
+    """
     t = recipe.teacher
     model = build_recipe_model(recipe, "teacher", bundle.num_classes, bundle.in_channels, device)
-    saved_path = run_dir / TEACHER_FILE
-    if resume and saved_path.is_file():
-        saved = load_checkpoint(saved_path, device)
-        model.load_state_dict(saved["state_dict"])
+    saved_path, training_path = run_dir / TEACHER_FILE, run_dir / TEACHER_TRAINING_FILE
+    if resume and saved is None and saved_path.is_file():
+        saved = load_saved_teacher(saved_path, device)
+    if resume and saved is not None:
+        state = state_dict_from(saved, saved_path)
+        check_state_dict(model, state, str(saved_path))
+        model.load_state_dict(state)
+        training_path.unlink(missing_ok=True)  # left by a kill between the two writes
         return model.eval(), int(saved.get("steps", 0))
     steps = 0
     if t.checkpoint is not None:
         load_teacher_weights(model, t.checkpoint, device)
     else:
         assert t.train is not None  # the recipe guarantees a checkpoint or training
+        if resume and training is None and training_path.is_file():
+            training = load_teacher_training(training_path, device)
+        if training is not None:
+            console = console or Console(False)
+            console.say(f"teacher: resuming after epoch {int(training['epoch']) + 1}/{t.train.epochs}")
         steps = train_teacher(
             model, loaders, t.train.epochs, t.train.lr, recipe.optimizer, device,
             seed=recipe.seed, logger=logger, console=console, task=Task.from_recipe(recipe),
+            checkpoint_path=training_path, resume_from=training if resume else None,
+            metrics_bytes=lambda: metrics_size(run_dir),
         )
     kwargs = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels, **t.kwargs}
-    save_atomic({"state_dict": model.state_dict(), "model": t.model, "kwargs": kwargs, "steps": steps}, saved_path)
+    save_atomic({"state_dict": model.state_dict(), "model": t.model, "kwargs": kwargs, "steps": steps,
+                 "metrics_bytes": metrics_size(run_dir)}, saved_path)
+    training_path.unlink(missing_ok=True)  # teacher.pt supersedes it
     return model.eval(), steps
 
 

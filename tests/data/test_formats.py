@@ -95,3 +95,45 @@ def test_load_cifar_batch_errors_name_the_file(tmp_path: Path) -> None:
     short.write_bytes(pickle.dumps({b"data": np.zeros((1, 100), np.uint8), b"labels": [0]}))
     with pytest.raises(ValueError, match=r"short: b'data' has shape \(1, 100\), expected \(N, 3072\)"):
         D.load_cifar_batch(short, b"labels")
+
+
+# --------------------------------------------------------------------------- untrusted files
+
+
+def test_malformed_data_files_are_data_format_errors(tmp_path: Path) -> None:
+    from qtemperate.errors import DataFormatError
+
+    p = write_idx(tmp_path / "lab", np.array([1, 2, 3], dtype=np.uint8), gz=True)
+    p.write_bytes(p.read_bytes()[:-10])  # a truncated download
+    with pytest.raises(DataFormatError, match=r"lab.gz: truncated or damaged gzip"):
+        D.read_idx(p)
+    corrupt = bytearray(gzip.compress(b"\x00\x00\x08\x01" + bytes(100)))
+    corrupt[12:20] = b"\xff" * 8  # damaged deflate stream
+    (tmp_path / "corrupt").write_bytes(bytes(corrupt))
+    with pytest.raises(DataFormatError, match="corrupt"):
+        D.read_idx(tmp_path / "corrupt")
+    (tmp_path / "html").write_bytes(b"<html>not found</html>")  # wrong magic
+    with pytest.raises(DataFormatError, match=r"html has magic number"):
+        D.read_idx(tmp_path / "html")
+
+
+def test_cifar_batch_with_code_is_refused_and_never_runs(tmp_path: Path) -> None:
+    from qtemperate.errors import DataFormatError
+    from tests.malicious import evil_cifar_batch
+
+    marker = tmp_path / "ran"
+    path = evil_cifar_batch(tmp_path / "data_batch_1", marker)
+    with pytest.raises(DataFormatError, match=r"refused to load CIFAR batch .*data_batch_1: it pickles builtins.exec"):
+        D.load_cifar_batch(path, b"labels")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_batch_of_arrays_loads_with_any_protocol(tmp_path: Path, protocol: int) -> None:
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    batch = {b"data": data, b"labels": [3, 9], b"batch_label": b"training batch 1 of 5",
+             b"filenames": [b"a.png", b"b.png"]}
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
+    x, y = D.load_cifar_batch(path, b"labels")
+    assert x.flatten().tolist() == data.flatten().tolist() and y.tolist() == [3, 9]

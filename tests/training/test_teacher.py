@@ -118,3 +118,53 @@ def test_a_multi_output_teacher_is_cached_per_head_and_scored_on_its_accuracy_he
     assert loss == pytest.approx(float(task.loss(out, ys)[0]), rel=1e-5)  # one batch of 40: the batch mean
     with pytest.raises(ValueError, match="name the head scored"):
         evaluate(teacher, loaders.test, torch.device("cpu"))  # a dict output is never guessed
+def test_teacher_training_resumes_exactly_after_an_epoch(digits_loaders: RunLoaders, tmp_path: Path) -> None:
+    from qtemperate.training.teacher import load_teacher_training
+
+    full, part = _model(), _model()
+    part.load_state_dict(full.state_dict())
+    steps = train_teacher(full, digits_loaders, 2, 0.05, OptimizerConfig(), CPU, seed=1)
+    ckpt = tmp_path / "teacher_training.pt"
+    # "Killed" after epoch 1: train one epoch of two (the LR schedule spans both), checkpointed.
+    import qtemperate.training.teacher as T
+
+    class Stop(Exception):
+        pass
+
+    real_save = T.save_atomic
+
+    def save_then_stop(obj: object, path: Path) -> Path:
+        real_save(obj, path)
+        raise Stop
+
+    T.save_atomic = save_then_stop  # type: ignore[assignment]
+    try:
+        with pytest.raises(Stop):
+            train_teacher(part, digits_loaders, 2, 0.05, OptimizerConfig(), CPU, seed=1,
+                          checkpoint_path=ckpt, metrics_bytes=lambda: 123)
+    finally:
+        T.save_atomic = real_save  # type: ignore[assignment]
+    saved = load_teacher_training(ckpt)
+    assert (saved["epoch"], saved["epochs"], saved["metrics_bytes"]) == (0, 2, 123)
+    resumed = _model()
+    assert train_teacher(resumed, digits_loaders, 2, 0.05, OptimizerConfig(), CPU, seed=1, resume_from=saved) == steps
+    for pa, pb in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(pa, pb)
+
+
+def test_a_pickled_teacher_model_is_refused(
+    recipe: Recipe, digits_bundle: DataBundle, digits_loaders: RunLoaders, tmp_path: Path
+) -> None:
+    from qtemperate.errors import BadInput, CheckpointError
+
+    whole = tmp_path / "whole.pt"
+    torch.save(build_model("small_cnn", num_classes=10, in_channels=1, width=16), whole)
+    raw = recipe.model_dump(mode="json")
+    raw["teacher"] = {"model": "small_cnn", "kwargs": {"width": 16}, "checkpoint": str(whole)}
+    with pytest.raises(CheckpointError, match=r"teacher.checkpoint: refused .*torch.save\(model.state_dict\(\), path\)"):
+        prepare_teacher(parse_recipe(raw), digits_bundle, digits_loaders, tmp_path / "run", False, CPU)
+    wrong = tmp_path / "wrong.pt"
+    torch.save(build_model("small_cnn", num_classes=10, in_channels=1, width=8).state_dict(), wrong)
+    raw["teacher"]["checkpoint"] = str(wrong)
+    with pytest.raises(BadInput, match=r"wrong.pt does not fit the model: conv1.weight is \(8, 1, 3, 3\) in the file"):
+        prepare_teacher(parse_recipe(raw), digits_bundle, digits_loaders, tmp_path / "run", False, CPU)
