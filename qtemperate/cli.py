@@ -28,7 +28,9 @@ class UsageError(Exception):
 
 
 def _fail(msg: str) -> int:
-    print(f"qtemperate: error: {msg}", file=sys.stderr)
+    # Under torchrun every process meets the same bad input: the node's first one says it.
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"qtemperate: error: {msg}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
@@ -97,7 +99,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--resume: no checkpoint in {run_dir}")
     if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"--run-dir {run_dir} already holds a run; use --resume or another folder")
-    from qtemperate.trainer import Trainer, TrainingDiverged
+    if args.nproc > 1:
+        from qtemperate.launch import launch_run
+
+        return launch_run(args, recipe, run_dir)
+    from qtemperate.trainer import Trainer
 
     if args.offline:
         os.environ["WANDB_MODE"] = "offline"
@@ -105,9 +111,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         summary = trainer.run()
-    except TrainingDiverged as exc:
-        print(f"qtemperate: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        from qtemperate.launch import exit_code_for
+
+        code = exit_code_for(exc)  # None: not a run failure it reports (bad input, a bug)
+        if code is None:
+            raise
+        return code
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 prints the summary
     _print_summary(summary, run_dir)
     print(f"(this invocation: {time.perf_counter() - t0:.1f} s)")
     return 0
@@ -191,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", help="output folder (default runs/<name>, or a fresh -N suffix)")
     r.add_argument("--offline", action="store_true", help="force W&B offline mode")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel over N local processes (as torchrun --nproc_per_node N); "
+                   "data.batch_size stays the global batch")
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="validate recipes (schema; --check-files also checks data and checkpoints)")

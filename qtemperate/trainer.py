@@ -20,6 +20,10 @@
    ``qtemperate export``), and ``summary.json``.
 
 Metrics go through :mod:`qtemperate.tracking`; this module never imports wandb.
+
+Under torchrun every process runs this pipeline; :mod:`~qtemperate.training.distributed`
+decides who writes (rank 0) and what is shared (broadcasts, DDP), and is the identity
+in a single process.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ from qtemperate.checkpoint import load_checkpoint, save_atomic, save_student
 from qtemperate.data import DataBundle, RunLoaders, build_datasets, build_run_loaders
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
-from qtemperate.recipe import Recipe
+from qtemperate.recipe import Recipe, RecipeError
 from qtemperate.size import SizeReport, model_size
-from qtemperate.tracking import MetricLogger, build_loggers
+from qtemperate.tracking import MetricLogger, MultiLogger, build_loggers
+from qtemperate.training import distributed
 from qtemperate.training.checkpointing import (
     CHECKPOINT,
     Progress,
@@ -53,6 +58,7 @@ from qtemperate.training.evaluate import evaluate
 from qtemperate.training.guards import TrainingDiverged, TrainingInterrupted
 from qtemperate.training.loop import Distiller, LrPlan
 from qtemperate.training.optimizer import build_optimizer
+from qtemperate.training.precision import policy_for
 from qtemperate.training.seed import seed_all
 from qtemperate.training.stages import enter_stage
 from qtemperate.training.student import STUDENT_ARCH_FILE, derive_student
@@ -95,7 +101,7 @@ class Trainer:
         self.recipe = recipe
         self.run_dir = Path(run_dir) if run_dir is not None else recipe.output_dir / recipe.name
         self.resume = resume
-        self.console = Console(progress)
+        self.console = Console(progress and distributed.is_main())
         self.stop_after_epochs = stop_after_epochs
         self.device = resolve_device(recipe.device)
         self._logger = loggers
@@ -104,18 +110,41 @@ class Trainer:
 
     # -- the run --------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run (or resume) the recipe; return the summary (also in ``summary.json``)."""
+        """Run (or resume) the recipe; return the summary (also in ``summary.json``).
+
+        Under torchrun this joins the process group first (and leaves it at the end);
+        a failure on any rank stops every rank with the same line
+        (:func:`~qtemperate.training.distributed.on_failure`).
+        """
+        d = self.recipe.distributed
+        distributed.check_recipe(self.recipe, distributed.world_size(), self.device)
+        owned = distributed.init_process_group(d.backend, self.device, d.timeout_s)
+        try:
+            return self._run()
+        except BaseException as exc:
+            distributed.on_failure(exc)  # raises PeerFailed when another rank failed first
+            raise
+        finally:
+            if owned:
+                distributed.shutdown()
+
+    def _run(self) -> dict[str, Any]:
         r = self.recipe
         t_start = time.perf_counter()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = distributed.is_main()  # rank 0 alone reads and writes the run folder
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.run_dir / CHECKPOINT
-        ckpt = load_training_checkpoint(ckpt_path) if self.resume and ckpt_path.is_file() else None
-        if self.resume and ckpt is None and (self.run_dir / SUMMARY).is_file():
-            return json.loads((self.run_dir / SUMMARY).read_text())
-        (self.run_dir / "recipe.yaml").write_text(
-            f"# Resolved recipe. Re-run: qtemperate run {self.run_dir / 'recipe.yaml'}\n" + r.to_yaml()
-        )
-        logger = self._logger or build_loggers(
+        ckpt = distributed.from_main(
+            lambda: load_training_checkpoint(ckpt_path) if self.resume and ckpt_path.is_file() else None)
+        done = distributed.from_main(lambda: self.resume and ckpt is None and (self.run_dir / SUMMARY).is_file())
+        if done:
+            return distributed.from_main(lambda: json.loads((self.run_dir / SUMMARY).read_text()))
+        if main:
+            (self.run_dir / "recipe.yaml").write_text(
+                f"# Resolved recipe. Re-run: qtemperate run {self.run_dir / 'recipe.yaml'}\n" + r.to_yaml()
+            )
+        logger = MultiLogger([]) if not main else self._logger or build_loggers(
             list(r.tracking.loggers), self.run_dir, project=r.tracking.project, group=r.group,
             name=self.run_dir.name, mode=r.tracking.mode, tags=list(r.tracking.tags),
             config=r.model_dump(mode="json"), resume=self.resume,
@@ -127,13 +156,22 @@ class Trainer:
 
     def _pipeline(self, ckpt: TrainingCheckpoint | None, logger: MetricLogger, t_start: float) -> dict[str, Any]:
         r, device, say = self.recipe, self.device, self.console.say
+        main = distributed.is_main()  # rank 0 alone writes files
         seed_all(r.seed)
         d = r.data
         bundle = build_datasets(
             d.name, root=d.root, val_fraction=d.val_fraction, limit_train=d.limit_train,
             limit_test=d.limit_test, seed=r.seed, augment=d.augment, **d.kwargs,
         )
-        loaders = build_run_loaders(bundle, d.batch_size, d.eval_batch_size, d.num_workers, r.seed)
+        world = distributed.world_size()
+        try:
+            loaders = build_run_loaders(bundle, d.batch_size, d.eval_batch_size, d.num_workers, r.seed,
+                                        distributed.rank(), world, pin_memory=device.type == "cuda")
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+        if world > 1:
+            say(f"data parallel: {world} processes ({torch.distributed.get_backend()}), global batch "
+                f"{d.batch_size} = {world} x {d.batch_size // world}")
         example = loaders.example_input.to(device)
         logger.log_config(r.model_dump(mode="json"))
 
@@ -151,7 +189,9 @@ class Trainer:
         self.teacher_logits_cached = cache
         say(f"teacher logits cached: {'yes' if cache else 'no'} ({why})")
         logger.log({"teacher_logits_cached": int(cache)}, self.step_offset)
-        teacher_out = TeacherLogits(teacher, cache_teacher_logits(teacher, loaders, device) if cache else None)
+        t_policy = policy_for(r.precision.teacher, device)
+        teacher_out = TeacherLogits(
+            teacher, cache_teacher_logits(teacher, loaders, device, t_policy) if cache else None, t_policy)
 
         # 4. The stages, epoch by epoch.
         sched = JointScheduler.from_recipe(r)
@@ -161,6 +201,7 @@ class Trainer:
         student: nn.Module = copy.deepcopy(arch).to(device)
         quantized_now = False
         opt: torch.optim.Optimizer | None = None
+        trained: nn.Module | None = None  # the student as this process trains it (DDP under torchrun)
         stage_idx = -1
         if ckpt is not None:  # the student as it was after the checkpoint's epoch
             prog, stage_idx = ckpt.progress, ckpt.stage_index
@@ -180,20 +221,29 @@ class Trainer:
             idx = sched.stage_index(epoch)
             stage = sched.stages[idx]
             if idx != stage_idx:
-                student = enter_stage(student, stage, quantized_now, r.student, device, loaders.calib)
+                student = enter_stage(distributed.unwrap(student), stage, quantized_now, r.student, device,
+                                      loaders.calib)
+                agreed = distributed.sync_module_(student)
                 quantized_now = quantized_now or stage.quantized
                 stage_idx = idx
+                trained = None
                 opt = build_optimizer(student, r.optimizer, stage.lr or r.optimizer.lr)
                 acc0, prog.val_loss = evaluate(student, loaders.val_or_test, device)  # T reacts to the model as it now is
                 logger.log({"stage/index": idx, "stage/start_acc": acc0, "stage/start_val_loss": prog.val_loss,
-                            "stage/weight_bits": stage.weight_bits, "stage/act_bits": stage.act_bits},
+                            "stage/weight_bits": stage.weight_bits, "stage/act_bits": stage.act_bits,
+                            "stage/ranks_agreed": int(agreed)},
                            self.step_offset + prog.global_step)
+            s_policy = policy_for(r.precision.qat if stage.quantized else r.precision.float_stage, device,
+                                  quantized=stage.quantized)
+            if trained is None:
+                trained = distributed.wrap(s_policy.prepare(student), device, r.distributed.sync_batchnorm)
             assert opt is not None
             st = sched.step(epoch, prog.val_loss)
             loss_fn.set_temperatures(st.temperatures, st.weights)
             first, last = bounds[stage_idx]
             loaders.set_epoch(epoch)
-            distiller = Distiller(student, teacher_out, loss_fn, sched, opt, device, clip, r.tracking.log_every)
+            distiller = Distiller(trained, teacher_out, loss_fn, sched, opt, device, clip, r.tracking.log_every,
+                                  s_policy)
             means = distiller.train_epoch(
                 loaders.train, epoch, prog,
                 LrPlan(first * steps_per_epoch, (last - first) * steps_per_epoch,
@@ -209,22 +259,26 @@ class Trainer:
                 prog.stages.append(self._stage_record(st, stage.epochs, acc, student))
             prog.elapsed_s += time.perf_counter() - t_start
             t_start = time.perf_counter()
-            save_training_checkpoint(self.run_dir / CHECKPOINT, prog, sched, stage_idx, student, opt)
+            if main:
+                save_training_checkpoint(self.run_dir / CHECKPOINT, prog, sched, stage_idx, student, opt)
             if self.stop_after_epochs is not None and self.stop_after_epochs <= epoch + 1 < sched.total_epochs:
                 raise TrainingInterrupted(f"stopped after epoch {epoch} (stop_after_epochs)")
 
-        # 5. The result: student file, ONNX checks, summary.
-        student.eval()
+        # 5. The result: student file, ONNX checks, summary (rank 0 writes; the others wait).
+        student = distributed.unwrap(student).eval()
         student_acc, _ = evaluate(student, loaders.test, device)
         final = sched.stages[-1]
-        save_student(self.run_dir / "student.pt", arch, student, final.weight_bits, final.act_bits,
-                     r.student.first_last_bits, r.student.per_channel,
-                     extra={"recipe": r.name, "student_acc": student_acc})
+        if main:
+            save_student(self.run_dir / "student.pt", arch, student, final.weight_bits, final.act_bits,
+                         r.student.first_last_bits, r.student.per_channel,
+                         extra={"recipe": r.name, "student_acc": student_acc})
         s_size = model_size(student, example)
-        export = self._export(student, teacher, bundle)
+        export = self._export(student, teacher, bundle) if main else {}
         prog.elapsed_s += time.perf_counter() - t_start
         summary = self._summary(teacher_acc, student_acc, t_size, s_size, plan, prog, export)
-        (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+        if main:
+            (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+        summary = distributed.broadcast_object(summary)
         logger.log_summary(summary)
         cols = ["name", "weight_bits", "act_bits", "epochs", "final_T", "accuracy", "bytes"]
         logger.log_table("stages", cols, [[s[c] for c in cols] for s in prog.stages])
@@ -237,6 +291,16 @@ class Trainer:
         loaders: RunLoaders, example: torch.Tensor, t_size: SizeReport,
     ) -> tuple[nn.Module, dict[str, Any]]:
         """The pruned float student: restored on resume, else derived and saved."""
+        def on_main() -> tuple[nn.Module, dict[str, Any]]:
+            arch, plan = self._derive_arch(ckpt, teacher, bundle, loaders, example, t_size)
+            return arch.cpu(), plan  # pickled to the other ranks: tensors travel on the CPU
+
+        return distributed.from_main(on_main)  # rank 0 prunes (or reads the saved one) and broadcasts
+
+    def _derive_arch(
+        self, ckpt: TrainingCheckpoint | None, teacher: nn.Module, bundle: DataBundle,
+        loaders: RunLoaders, example: torch.Tensor, t_size: SizeReport,
+    ) -> tuple[nn.Module, dict[str, Any]]:
         path = self.run_dir / STUDENT_ARCH_FILE
         if ckpt is not None and path.is_file():
             saved = load_checkpoint(path, self.device)

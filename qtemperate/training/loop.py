@@ -4,7 +4,9 @@ Per step: teacher logits (cached or live), ``parts = TemperateLoss(student(x), t
 backward, gradient clipping, the per-update temperature (for schedules that move with
 the gradient norm), optimizer step. Loss parts stay tensors and are read back (a host
 sync on a GPU) only every ``log_every`` steps and at the end of the epoch, where a
-NaN/Inf stops the run before the epoch's evaluation and checkpoint.
+NaN/Inf stops the run before the epoch's evaluation and checkpoint. In a data-parallel
+run the student is DDP-wrapped and the values read back are averaged over ranks (the
+global batch's loss), so every rank logs, and stops on, the same numbers.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from torch import nn
 
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
+from qtemperate.training import distributed
 from qtemperate.training.checkpointing import Progress
 from qtemperate.training.console import Console
 from qtemperate.training.guards import check_finite
 from qtemperate.training.lr_schedule import lr_at, set_lr
+from qtemperate.training.precision import ComputePolicy
 from qtemperate.training.teacher import TeacherLogits
 
 __all__ = ["Distiller", "LrPlan", "stable_names"]
@@ -69,6 +73,7 @@ class Distiller:
         device: Where batches go.
         grad_clip: Max gradient norm (``inf``: no clipping, the norm is still measured).
         log_every: Read loss parts back and log every this many steps.
+        policy: Autocast and batch placement of the student (default: fp32 on ``device``).
     """
 
     student: nn.Module
@@ -79,6 +84,7 @@ class Distiller:
     device: torch.device
     grad_clip: float
     log_every: int
+    policy: ComputePolicy | None = None
 
     def train_epoch(
         self,
@@ -107,12 +113,15 @@ class Distiller:
         n = 0
         where = f"epoch {epoch} ({state.stage_name})"
         bar = console.bar(loader, desc=f"epoch {epoch + 1}/{sched.total_epochs} {state.stage_name}")
+        policy = self.policy or ComputePolicy(self.device)
         for x, y, idx in bar:
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = policy.to_device(x), y.to(self.device, non_blocking=self.device.type == "cuda")
             t_out = self.teacher(x, idx)
             rate = lr.at(progress.global_step)
             set_lr(self.optimizer, rate)
-            parts = self.loss_fn(self.student(x), t_out, y)
+            with policy.autocast():
+                s_out = self.student(x)
+            parts = self.loss_fn(s_out.float(), t_out, y)
             self.optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
@@ -126,7 +135,8 @@ class Distiller:
             for k, v in named.items():
                 sums[k] = sums[k] + v if k in sums else v
             if progress.global_step % self.log_every == 0:
-                vals = {k: float(v) for k, v in named.items()}
+                reduced = distributed.mean_over_ranks({k: v for k, v in named.items() if torch.is_tensor(v)})
+                vals = {k: reduced.get(k, float(v)) for k, v in named.items()}
                 check_finite(vals["loss"], where)
                 if console.enabled:
                     bar.set_postfix(loss=f"{vals['loss']:.3f}", T=f"{state.temperature:.2f}",
@@ -143,6 +153,6 @@ class Distiller:
                     },
                     progress.global_step,
                 )
-        means = {k: float(v) / max(n, 1) for k, v in sums.items()}
+        means = distributed.mean_over_ranks({k: float(v) / max(n, 1) for k, v in sums.items()})
         check_finite(means.get("loss", 0.0), where)
         return means
