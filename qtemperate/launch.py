@@ -49,11 +49,7 @@ def launch_run(args: argparse.Namespace, recipe: Recipe, run_dir: Path) -> int:
     if env_world_size() > 1:
         raise UsageError(f"--nproc: this process was started by a launcher (WORLD_SIZE={env_world_size()}); "
                          "drop --nproc")
-    try:
-        device = resolve_device(recipe.device)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    check_recipe(recipe, args.nproc, device)
+    check_recipe(recipe, args.nproc, resolve_device(recipe.device))
     argv = ["-m", "qtemperate", "run", str(args.recipe), "--run-dir", str(run_dir)]
     for item in args.set or []:
         argv += ["--set", item]

@@ -169,11 +169,12 @@ class Trainer:
                                         distributed.rank(), world, pin_memory=device.type == "cuda")
         except ValueError as exc:
             raise RecipeError(str(exc)) from None
+        example = loaders.example_input.to(device)
+        logger.log_config(r.model_dump(mode="json"))
         if world > 1:
             say(f"data parallel: {world} processes ({torch.distributed.get_backend()}), global batch "
                 f"{d.batch_size} = {world} x {d.batch_size // world}")
-        example = loaders.example_input.to(device)
-        logger.log_config(r.model_dump(mode="json"))
+            logger.log({"data/processes": world, "data/global_batch": d.batch_size}, 0)
 
         # 1. The teacher.
         teacher, self.step_offset = prepare_teacher(
@@ -190,6 +191,8 @@ class Trainer:
         say(f"teacher logits cached: {'yes' if cache else 'no'} ({why})")
         logger.log({"teacher_logits_cached": int(cache)}, self.step_offset)
         t_policy = policy_for(r.precision.teacher, device)
+        say(f"precision: teacher {t_policy.name}, float stage {policy_for(r.precision.float_stage, device).name}, "
+            f"QAT {policy_for(r.precision.qat, device, quantized=True).name} (evaluation fp32)")
         teacher_out = TeacherLogits(
             teacher, cache_teacher_logits(teacher, loaders, device, t_policy) if cache else None, t_policy)
 

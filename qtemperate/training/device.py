@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from qtemperate.recipe import RecipeError
+
 __all__ = ["resolve_device"]
 
 
@@ -16,17 +18,17 @@ def resolve_device(name: str) -> torch.device:
     local rank, ``cuda:LOCAL_RANK``: one process per GPU.
 
     Raises:
-        ValueError: ``cuda`` requested on a machine without CUDA, or a local rank
+        RecipeError: (a ``ValueError``) ``cuda`` requested on a machine without CUDA, or a local rank
             without a GPU of its own.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda requested but CUDA is not available")
+        raise RecipeError("device: cuda requested but CUDA is not available")
     if name == "cuda" and "LOCAL_RANK" in os.environ:
         local, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
         if local >= count:
-            raise ValueError(f"device: cuda for local rank {local}, but this machine has {count} GPU(s); "
+            raise RecipeError(f"device: cuda for local rank {local}, but this machine has {count} GPU(s); "
                              f"start at most {count} processes per node")
         return torch.device("cuda", local)
     return torch.device(name)
