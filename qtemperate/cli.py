@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--resume: no checkpoint in {run_dir}")
     if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"--run-dir {run_dir} already holds a run; use --resume or another folder")
-    if args.nproc > 1:
+    if args.nproc != 1:
         from qtemperate.launch import launch_run
 
         return launch_run(args, recipe, run_dir)

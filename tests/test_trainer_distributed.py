@@ -6,7 +6,7 @@ global batch) read the same global batches (:mod:`qtemperate.data.sharding`), no
 BatchNorm over the global batch (sync BN) and average gradients, so one step agrees to
 rounding (``tests/training/test_distributed.py`` checks 1e-6 after 4 steps). Over a run
 that rounding is amplified where the model is discontinuous — a ReLU input that sits at 0 to
-rounding (its gradient jumps 0 <-> 1; seen at step 34 of 66: 1e-7 -> 3e-5) or a
+rounding (its gradient jumps 0 <-> 1; bench/data_parallel_steps.py: step 35 of 66, 1e-7 -> 3e-5) or a
 quantizer's rounding step flips — so whole runs are compared with a tolerance:
 the first teacher epoch's test loss to 1e-2 relative (1e-7 when nothing flips, 1e-3 when
 one does: both seen), the accuracies to within
