@@ -6,7 +6,8 @@ ToTensor + Normalize`` for training, ``Resize(256) + CenterCrop(224)`` for evalu
 torchvision cannot be installed beside this CPU torch from PyPI, so this benchmark runs
 the same steps with PIL and torch directly (the cost is PIL's JPEG decode and resize in
 both cases) on synthetic JPEGs written here: ImageNet's typical 500x375 at quality 90,
-smooth content plus noise (about 110 KB each, near ImageNet's mean file size).
+smooth content plus noise (about 64 KB each; ImageNet's average ~110 KB carries more
+detail, so real files decode somewhat slower).
 
     python bench/imagenet_decode.py [--images 256] [--workers 1 2] [--out bench/results/imagenet_decode.json]
 
