@@ -12,10 +12,10 @@ and ``qat`` (quantized stages) — each ``fp32``, ``bf16`` or ``auto``:
 * ``fp32``: no autocast.
 
 Defaults: ``teacher: auto``, ``float_stage: auto``, ``qat: fp32``. Brevitas QAT runs
-under autocast (its fake-quantizers then see bf16 activations, which moves values
-across quantization steps: on CPU a W4A4 ResNet-20 under bf16 autocast kept top-1 on
-a calibration batch but logits moved by up to 12 %), so whether it pays is measured
-by ``bench/gpu_check.py`` before it becomes a default. Evaluation always runs in fp32:
+under autocast (tested on CPU), but its fake-quantizers then see bf16 activations,
+which moves values across quantization steps, so its logits are not the fp32 ones;
+whether that pays is measured by ``bench/gpu_check.py`` (step time, top-1 agreement,
+largest logit change) before it becomes a default. Evaluation always runs in fp32:
 the accuracy reported is the fp32 model's, the model a user holds.
 
 On CUDA, float models (the teacher, the float-stage student) run in ``channels_last``
