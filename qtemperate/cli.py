@@ -109,17 +109,49 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--allow-change only applies with --resume")
     preflight(recipe)
     for message in degenerate_settings(recipe):
-        warnings.warn(message, QtemperateWarning, stacklevel=1)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            warnings.warn(message, QtemperateWarning, stacklevel=1)
     if args.offline:
         os.environ["WANDB_MODE"] = "offline"
     from qtemperate.trainer import Trainer, TrainingDiverged
+    from qtemperate.training.distributed import env_rank, env_world_size
     from qtemperate.training.resume import describe_kept
+
+    default = recipe.output_dir / recipe.name
+    if args.nproc != 1:  # the launcher: decide the folder once, then start the N processes on it
+        from qtemperate.launch import launch_run
+
+        if args.run_dir or args.resume:
+            run_dir = Path(args.run_dir or default)
+        else:
+            with claim_fresh(default) as folder:  # race-free "next free folder", left empty for rank 0
+                run_dir = folder.path
+        return launch_run(args, recipe, run_dir)
+    if env_world_size() > 1:  # one of torchrun's processes: rank 0 owns the folder inside the run
+        run_dir = Path(args.run_dir or default)
+        trainer = Trainer(recipe, run_dir=run_dir, resume=args.resume, progress=not args.no_progress,
+                          tracking_mode="offline" if args.offline else None, allow_changes=allow)
+        t0 = time.perf_counter()
+        try:
+            summary = trainer.run()
+        except Exception as exc:
+            from qtemperate.launch import exit_code_for
+
+            code = exit_code_for(exc)  # None: not a run failure it reports (bad input, a bug)
+            if code is None:
+                raise
+            return code
+        if env_rank() != 0:
+            return 0  # rank 0 prints the summary
+        _print_summary(summary, run_dir)
+        print(f"(this invocation: {time.perf_counter() - t0:.1f} s)")
+        return 0
 
     with _sigterm_unwinds():
         if args.run_dir or args.resume:
-            folder = claim_run_dir(Path(args.run_dir or recipe.output_dir / recipe.name), resume=args.resume)
+            folder = claim_run_dir(Path(args.run_dir or default), resume=args.resume)
         else:
-            folder = claim_fresh(recipe.output_dir / recipe.name)
+            folder = claim_fresh(default)
         with folder:
             run_dir = folder.path
             trainer = Trainer(recipe, run_dir=run_dir, resume=args.resume, progress=not args.no_progress,
@@ -232,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(data.num_workers, tracking.*, export.*; repeatable)")
     r.add_argument("--offline", action="store_true", help="force W&B offline mode (wins over tracking.mode)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel over N local processes (as torchrun --nproc_per_node N); "
+                   "data.batch_size stays the global batch")
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="validate recipes (schema; --check-files also checks data and checkpoints)")
@@ -292,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         warnings.showwarning = previous
     prefix = "qtemperate: " if code in (EXIT_INTERRUPTED, EXIT_TERMINATED) else "qtemperate: error: "
-    print(prefix + message, file=sys.stderr)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun every process meets the same bad input
+        print(prefix + message, file=sys.stderr)
     return code
 
 

@@ -85,6 +85,18 @@ def target_of(targets: Tensor | Mapping[str, Tensor], name: str) -> Tensor:
     return targets
 
 
+def as_float(outputs: Any) -> Any:
+    """A model's outputs (a tensor, or a dict/tuple/list of tensors) in float32.
+
+    Autocast (bf16) forwards return low-precision outputs; losses are computed in fp32.
+    """
+    if isinstance(outputs, Mapping):
+        return {k: as_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, tuple | list):
+        return type(outputs)(as_float(v) for v in outputs)
+    return outputs.float() if torch.is_tensor(outputs) else outputs
+
+
 def targets_to(targets: Any, device: torch.device | str) -> Any:
     """Move a batch's targets (a tensor or a dict of tensors) to ``device``."""
     if isinstance(targets, Mapping):

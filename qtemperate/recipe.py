@@ -43,8 +43,10 @@ from qtemperate.temperature import TEMPERATURE_SCHEDULES, TemperatureSchedule, s
 __all__ = [
     "DataConfig",
     "DistillationConfig",
+    "DistributedConfig",
     "ExportConfig",
     "OptimizerConfig",
+    "PrecisionConfig",
     "Recipe",
     "RecipeError",
     "StageConfig",
@@ -298,6 +300,9 @@ class DataConfig(_Strict):
     :func:`qtemperate.preflight.preflight`). ``val_fraction`` holds out a stratified
     part of the training set whose loss drives the temperature schedule; with 0 the
     test split's loss does (accuracy is always reported on the test split).
+    ``batch_size`` is the global batch of one optimizer step: under torchrun with ``W``
+    processes each loads ``batch_size / W``; ``eval_batch_size`` and ``num_workers`` are
+    per process.
     """
 
     name: DatasetName
@@ -459,6 +464,28 @@ class ExportConfig(_Strict):
     benchmark_iters: Int = Field(default=20, ge=1)
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class PrecisionConfig(_Strict):
+    """Autocast per phase (:mod:`qtemperate.training.precision`): ``bf16``, ``fp32``, or
+    ``auto`` (bf16 on a CUDA device that supports it, fp32 elsewhere). Evaluation is
+    always fp32."""
+
+    teacher: Precision = "auto"
+    float_stage: Precision = "auto"
+    qat: Precision = "fp32"
+
+
+class DistributedConfig(_Strict):
+    """Data-parallel runs under torchrun (:mod:`qtemperate.training.distributed`); unused
+    in a single process. ``data.batch_size`` is the global batch over all processes."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(default=1800.0, gt=0)
+    sync_batchnorm: bool = True
+
+
 class Recipe(_Strict):
     """A whole qtemperate run: teacher, student, data, stages, distillation, tracking."""
 
@@ -475,6 +502,8 @@ class Recipe(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("stages")
     @classmethod

@@ -25,10 +25,15 @@ The run folder is owned for the whole run (:mod:`qtemperate.run_dir`: an OS lock
 resumed recipe must match the record), every file is written atomically, and a
 resumed run reads everything it continues from (:mod:`~qtemperate.training.resume`)
 before it writes anything.
+
+Under torchrun every process runs this pipeline; :mod:`~qtemperate.training.distributed`
+decides who writes (rank 0) and what is shared (broadcasts, DDP), and is the identity
+in a single process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -50,10 +55,11 @@ from qtemperate.heads import Task
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
 from qtemperate.preflight import check_bundle
-from qtemperate.recipe import Recipe
+from qtemperate.recipe import Recipe, RecipeError
 from qtemperate.run_dir import check_resume_compatible, claim_run_dir, metrics_size
 from qtemperate.size import SizeReport, model_size
-from qtemperate.tracking import MetricLogger, build_loggers
+from qtemperate.tracking import MetricLogger, MultiLogger, build_loggers
+from qtemperate.training import distributed
 from qtemperate.training.checkpointing import (
     CHECKPOINT,
     Progress,
@@ -65,6 +71,7 @@ from qtemperate.training.evaluate import evaluate
 from qtemperate.training.guards import TrainingDiverged, TrainingInterrupted
 from qtemperate.training.loop import Distiller, LrPlan
 from qtemperate.training.optimizer import build_optimizer
+from qtemperate.training.precision import policy_for
 from qtemperate.training.resume import STUDENT_ARCH_FORMAT, SUMMARY, ResumeState, load_resume_state
 from qtemperate.training.seed import phase_seed, seed_all
 from qtemperate.training.stages import enter_stage
@@ -124,7 +131,7 @@ class Trainer:
         self.recipe = recipe
         self.run_dir = Path(run_dir) if run_dir is not None else recipe.output_dir / recipe.name
         self.resume = resume
-        self.console = Console(progress)
+        self.console = Console(progress and distributed.is_main())
         self.stop_after_epochs = stop_after_epochs
         self.device = resolve_device(recipe.device)
         self._logger = loggers
@@ -140,26 +147,48 @@ class Trainer:
         Everything a failure could be found in (the record, the resume files, the data,
         the size target) is checked before the first write; a fresh folder this call
         created is removed again when that fails.
+
+        Under torchrun this joins the process group first (and leaves it at the end);
+        rank 0 alone owns, reads and writes the run folder and broadcasts what it read;
+        a failure on any rank stops every rank with the same line
+        (:func:`~qtemperate.training.distributed.on_failure`).
         """
+        d = self.recipe.distributed
+        distributed.check_recipe(self.recipe, distributed.world_size(), self.device)
+        owned = distributed.init_process_group(d.backend, self.device, d.timeout_s)
+        try:
+            return self._run()
+        except BaseException as exc:
+            distributed.on_failure(exc)  # raises PeerFailed when another rank failed first
+            raise
+        finally:
+            if owned:
+                distributed.shutdown()
+
+    def _run(self) -> dict[str, Any]:
         r = self.recipe
         t_start = time.perf_counter()
-        with claim_run_dir(self.run_dir, resume=self.resume) as folder:
+        main = distributed.is_main()  # rank 0 alone reads and writes the run folder
+        with claim_run_dir(self.run_dir, resume=self.resume) if main else contextlib.nullcontext() as folder:
             state = ResumeState()
             if self.resume:
-                for key, old, new in check_resume_compatible(self.run_dir, r, self.allow_changes):
-                    self.console.say(f"resume: {key} changed ({old} -> {new}), allowed")
-                state = load_resume_state(self.run_dir, self.device)
+                if main:
+                    for key, old, new in check_resume_compatible(self.run_dir, r, self.allow_changes):
+                        self.console.say(f"resume: {key} changed ({old} -> {new}), allowed")
+                state = distributed.from_main(lambda: load_resume_state(self.run_dir, "cpu"))
                 if state.summary is not None:
                     self.console.say(f"{self.run_dir}: the run already finished")
                     return state.summary
                 self.console.say(f"resuming {self.run_dir} {state.start}")
             data = self._data()
-            if state.teacher is None and state.student_arch is None and r.teacher.checkpoint is None:
+            if state.teacher is None and state.student_arch is None and r.teacher.checkpoint is None and main:
                 # The teacher will train: check now that the student it leads to can exist.
                 check_student_target(r, data.bundle.num_classes, data.bundle.in_channels, data.example)
-            folder.begin(r, state.metrics_bytes if self.resume else None)
+            if main:
+                folder.begin(r, state.metrics_bytes if self.resume else None)
+            distributed.barrier()
             mode = self.tracking_mode or r.tracking.mode
-            logger = self._logger or build_loggers(
+            logger = MultiLogger([]) if not main else self._logger or build_loggers(
                 list(r.tracking.loggers), self.run_dir, project=r.tracking.project, group=r.group,
                 name=self.run_dir.name, mode=mode, tags=list(r.tracking.tags),
                 config=r.model_dump(mode="json"), resume=self.resume,
@@ -170,8 +199,8 @@ class Trainer:
                 logger.finish()
 
     def _data(self) -> _RunData:
-        """Datasets and loaders; bad data (a malformed file, labels outside the classes)
-        is bad input, found here before anything is written."""
+        """Datasets and loaders (this rank's shard under torchrun); bad data (a malformed
+        file, labels outside the classes) is bad input, found here before anything is written."""
         r, d = self.recipe, self.recipe.data
         seed_all(r.seed)
         try:
@@ -185,15 +214,26 @@ class Trainer:
             raise DataFormatError(f"data: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
         for message in check_bundle(r, bundle):
             warnings.warn(message, QtemperateWarning, stacklevel=2)
-        loaders = build_run_loaders(bundle, d.batch_size, d.eval_batch_size, d.num_workers, r.seed)
+        try:
+            loaders = build_run_loaders(bundle, d.batch_size, d.eval_batch_size, d.num_workers, r.seed,
+                                        distributed.rank(), distributed.world_size(),
+                                        pin_memory=self.device.type == "cuda")
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
         return _RunData(bundle, loaders, loaders.example_input.to(self.device))
 
     def _pipeline(self, state: ResumeState, data: _RunData, logger: MetricLogger, t_start: float) -> dict[str, Any]:
         r, device, say = self.recipe, self.device, self.console.say
+        main = distributed.is_main()  # rank 0 alone writes files
         bundle, loaders, example = data.bundle, data.loaders, data.example
         ckpt = state.checkpoint
         task = Task.from_recipe(r)  # which output is scored, each head's task loss
         logger.log_config(r.model_dump(mode="json"))
+        world = distributed.world_size()
+        if world > 1:
+            say(f"data parallel: {world} processes ({torch.distributed.get_backend()}), global batch "
+                f"{r.data.batch_size} = {world} x {r.data.batch_size // world}")
+            logger.log({"data/processes": world, "data/global_batch": r.data.batch_size}, 0)
 
         # 1. The teacher.
         teacher, self.step_offset = prepare_teacher(
@@ -216,7 +256,11 @@ class Trainer:
         say(f"teacher logits cached: {'yes' if cache else 'no'} ({why})")
         if ckpt is None:  # logged before the first checkpoint: a resumed run has it already
             logger.log({"teacher_logits_cached": int(cache)}, self.step_offset)
-        teacher_out = TeacherLogits(teacher, cache_teacher_logits(teacher, loaders, device) if cache else None)
+        t_policy = policy_for(r.precision.teacher, device)
+        say(f"precision: teacher {t_policy.name}, float stage {policy_for(r.precision.float_stage, device).name}, "
+            f"QAT {policy_for(r.precision.qat, device, quantized=True).name} (evaluation fp32)")
+        teacher_out = TeacherLogits(
+            teacher, cache_teacher_logits(teacher, loaders, device, t_policy) if cache else None, t_policy)
 
         # 4. The stages, epoch by epoch.
         sched = JointScheduler.from_recipe(r)
@@ -225,6 +269,7 @@ class Trainer:
         student: nn.Module = copy.deepcopy(arch).to(device)
         quantized_now = False
         opt: torch.optim.Optimizer | None = None
+        trained: nn.Module | None = None  # the student as this process trains it (DDP under torchrun)
         stage_idx = -1
         if ckpt is not None:  # the student as it was after the checkpoint's epoch
             prog, stage_idx = ckpt.progress, ckpt.stage_index
@@ -248,21 +293,30 @@ class Trainer:
             idx = sched.stage_index(epoch)
             stage = sched.stages[idx]
             if idx != stage_idx:
-                student = enter_stage(student, stage, quantized_now, r.student, device, loaders.calib)
+                student = enter_stage(distributed.unwrap(student), stage, quantized_now, r.student, device,
+                                      loaders.calib)
                 fault_point("stage_switch")
+                agreed = distributed.sync_module_(student)
                 quantized_now = quantized_now or stage.quantized
                 stage_idx = idx
+                trained = None
                 opt = build_optimizer(student, r.optimizer, stage.lr or r.optimizer.lr)
                 acc0, prog.val_loss = evaluate(student, loaders.val_or_test, device, task)  # T reacts to the model as it now is
                 logger.log({"stage/index": idx, "stage/start_acc": acc0, "stage/start_val_loss": prog.val_loss,
-                            "stage/weight_bits": stage.weight_bits, "stage/act_bits": stage.act_bits},
+                            "stage/weight_bits": stage.weight_bits, "stage/act_bits": stage.act_bits,
+                            "stage/ranks_agreed": int(agreed)},
                            self.step_offset + prog.global_step)
+            s_policy = policy_for(r.precision.qat if stage.quantized else r.precision.float_stage, device,
+                                  quantized=stage.quantized)
+            if trained is None:
+                trained = distributed.wrap(s_policy.prepare(student), device, r.distributed.sync_batchnorm)
             assert opt is not None
             st = sched.step(epoch, prog.val_loss)
             loss_fn.follow(st)
             first, last = bounds[stage_idx]
             loaders.set_epoch(epoch)
-            distiller = Distiller(student, teacher_out, loss_fn, sched, opt, device, clip, r.tracking.log_every)
+            distiller = Distiller(trained, teacher_out, loss_fn, sched, opt, device, clip, r.tracking.log_every,
+                                  s_policy)
             means = distiller.train_epoch(
                 loaders.train, epoch, prog,
                 LrPlan(first * steps_per_epoch, (last - first) * steps_per_epoch,
@@ -278,25 +332,29 @@ class Trainer:
                 prog.stages.append(self._stage_record(st, stage.epochs, acc, student))
             prog.elapsed_s += time.perf_counter() - t_start
             t_start = time.perf_counter()
-            prog.metrics_bytes = metrics_size(self.run_dir)
-            save_training_checkpoint(self.run_dir / CHECKPOINT, prog, sched, stage_idx, student, opt)
+            prog.metrics_bytes = metrics_size(self.run_dir) if main else None
+            if main:
+                save_training_checkpoint(self.run_dir / CHECKPOINT, prog, sched, stage_idx, student, opt)
             if self.stop_after_epochs is not None and self.stop_after_epochs <= epoch + 1 < sched.total_epochs:
                 raise TrainingInterrupted(f"stopped after epoch {epoch} (stop_after_epochs)")
 
-        # 5. The result: student file, ONNX checks, summary.
-        student.eval()
+        # 5. The result: student file, ONNX checks, summary (rank 0 writes; the others wait).
+        student = distributed.unwrap(student).eval()
         student_acc, _ = evaluate(student, loaders.test, device, task)
         final = sched.stages[-1]
-        arch_model, arch_kwargs, arch_path = student_source(r, bundle.num_classes, bundle.in_channels)
-        save_student(self.run_dir / "student.pt", arch, student, final.weight_bits, final.act_bits,
-                     r.student.first_last_bits, r.student.per_channel,
-                     extra={"recipe": r.name, "student_acc": student_acc},
-                     arch_model=arch_model, arch_kwargs=arch_kwargs, arch_search_path=arch_path)
+        if main:
+            arch_model, arch_kwargs, arch_path = student_source(r, bundle.num_classes, bundle.in_channels)
+            save_student(self.run_dir / "student.pt", arch, student, final.weight_bits, final.act_bits,
+                         r.student.first_last_bits, r.student.per_channel,
+                         extra={"recipe": r.name, "student_acc": student_acc},
+                         arch_model=arch_model, arch_kwargs=arch_kwargs, arch_search_path=arch_path)
         s_size = model_size(student, example)
-        export = self._export(student, teacher, bundle)
+        export = self._export(student, teacher, bundle) if main else {}
         prog.elapsed_s += time.perf_counter() - t_start
         summary = self._summary(teacher_acc, student_acc, t_size, s_size, plan, prog, export)
-        write_json_atomic(self.run_dir / SUMMARY, summary)
+        if main:
+            write_json_atomic(self.run_dir / SUMMARY, summary)
+        summary = distributed.broadcast_object(summary)
         logger.log_summary(summary)
         cols = ["name", "weight_bits", "act_bits", "epochs", "final_T", "accuracy", "bytes"]
         logger.log_table("stages", cols, [[s[c] for c in cols] for s in prog.stages])
@@ -309,6 +367,16 @@ class Trainer:
         loaders: RunLoaders, example: torch.Tensor, t_size: SizeReport,
     ) -> tuple[nn.Module, dict[str, Any]]:
         """The pruned float student: restored on resume, else derived and saved as data."""
+        def on_main() -> tuple[nn.Module, dict[str, Any]]:
+            arch, plan = self._derive_arch(state, teacher, bundle, loaders, example, t_size)
+            return arch.cpu(), plan  # pickled to the other ranks: tensors travel on the CPU
+
+        return distributed.from_main(on_main)  # rank 0 prunes (or reads the saved one) and broadcasts
+
+    def _derive_arch(
+        self, state: ResumeState, teacher: nn.Module, bundle: DataBundle,
+        loaders: RunLoaders, example: torch.Tensor, t_size: SizeReport,
+    ) -> tuple[nn.Module, dict[str, Any]]:
         path = self.run_dir / STUDENT_ARCH_FILE
         if state.student_arch is not None:
             return state.student_arch

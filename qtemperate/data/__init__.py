@@ -13,6 +13,8 @@ The package has one module per concept:
   label, and the ``synthetic_detection`` shapes (class and box known).
 - :mod:`~qtemperate.data.loaders`: epoch-seeded samplers and the loaders of a run
   (:func:`build_run_loaders`).
+- :mod:`~qtemperate.data.sharding`: the samplers of a data-parallel run (each rank's
+  share of every global batch; contiguous evaluation shards).
 
 Data order is a pure function of ``(seed, epoch)`` (:class:`EpochSeededSampler`)
 and so is augmentation (:class:`AugmentedTensorDataset`), so a run resumed at
@@ -62,6 +64,8 @@ from qtemperate.data.loaders import build_run_loaders as build_run_loaders
 from qtemperate.data.loaders import epoch_loader as epoch_loader
 from qtemperate.data.loaders import make_loaders as make_loaders
 from qtemperate.data.loaders import set_loader_epoch as set_loader_epoch
+from qtemperate.data.sharding import DistributedEpochSampler as DistributedEpochSampler
+from qtemperate.data.sharding import ShardSampler as ShardSampler
 from qtemperate.data.splits import dataset_targets as dataset_targets
 from qtemperate.data.splits import stratified_first_n as stratified_first_n
 from qtemperate.data.splits import stratified_holdout as stratified_holdout
@@ -93,11 +97,13 @@ __all__ = [
     "DatasetInfo",
     "DatasetOptionError",
     "DatasetSpec",
+    "DistributedEpochSampler",
     "EpochSeededSampler",
     "IndexedDataset",
     "NamedTargetsDataset",
     "RawSplits",
     "RunLoaders",
+    "ShardSampler",
     "build_datasets",
     "build_run_loaders",
     "check_data_available",

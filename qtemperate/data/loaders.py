@@ -103,16 +103,27 @@ def _loader(
     sampler: Sampler[int],
     num_workers: int = 0,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+        pin_memory=pin_memory,
     )
 
 
-def _sequential(dataset: Dataset, batch_size: int) -> DataLoader:
-    return _loader(dataset, batch_size, SequentialSampler(dataset))  # type: ignore[arg-type]
+def _sequential(dataset: Dataset, batch_size: int, pin_memory: bool = False, num_workers: int = 0) -> DataLoader:
+    return _loader(dataset, batch_size, SequentialSampler(dataset), num_workers, pin_memory=pin_memory)  # type: ignore[arg-type]
+
+
+def _sharded(
+    dataset: Dataset, batch_size: int, rank: int, world_size: int, pin_memory: bool, num_workers: int
+) -> DataLoader:
+    from qtemperate.data.sharding import ShardSampler
+
+    sampler = ShardSampler(len(dataset), rank, world_size)  # type: ignore[arg-type]
+    return _loader(dataset, batch_size, sampler, num_workers, pin_memory=pin_memory)
 
 
 def epoch_loader(
@@ -168,7 +179,8 @@ class RunLoaders:
         calib: ``bundle.train_plain`` (unaugmented) in order, ``batch_size`` per batch:
             quantizer calibration and BatchNorm re-estimation.
         plain: ``bundle.train_plain`` in index order, ``eval_batch_size`` per batch:
-            the teacher-logit cache (row ``i`` belongs to training index ``i``).
+            the teacher-logit cache (row ``i`` belongs to training index ``i``; in a
+            data-parallel run each rank holds a contiguous shard, gathered afterwards).
         example_input: ``bundle.test[0][0]`` with a batch dimension (CPU), for size
             reports and export.
     """
@@ -204,31 +216,59 @@ def build_run_loaders(
     eval_batch_size: int,
     num_workers: int = 0,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
 ) -> RunLoaders:
     """The loaders a training run reads (see :class:`RunLoaders`), set to epoch 0.
 
+    With ``world_size > 1`` (a data-parallel run, :mod:`qtemperate.data.sharding`)
+    ``batch_size`` stays the global batch: ``train`` reads this rank's
+    ``batch_size / world_size`` samples of each global batch
+    (:class:`~qtemperate.data.sharding.DistributedEpochSampler`); ``test``, ``val`` and
+    ``plain`` read this rank's contiguous shard (``eval_batch_size`` per process);
+    ``calib`` is not sharded (every rank calibrates on the batches a single process
+    would use).
+
     Args:
         bundle: The built datasets.
-        batch_size: Training (and calibration) batch size.
-        eval_batch_size: Batch size of test, validation and teacher-logit passes.
-        num_workers: Worker processes of the training loader (the others load in
-            the main process).
+        batch_size: Training (and calibration) batch size, global over all processes.
+        eval_batch_size: Batch size of test, validation and teacher-logit passes (per process).
+        num_workers: Worker processes of each loader, per process (decoding, e.g.
+            ImageNet JPEGs, runs in them; evaluation passes need them as much as training).
         seed: Seed of the training order and augmentation.
+        rank: This process's rank in the data-parallel group.
+        world_size: Processes in the group (1: a plain single-process run).
+        pin_memory: Page-locked batches (for non-blocking copies to a GPU).
 
     Raises:
-        ValueError: a batch size below 1.
+        ValueError: a batch size below 1; with ``world_size > 1``, a batch size the
+            world size does not divide or a training set smaller than one global batch.
     """
     train_set = IndexedDataset(bundle.train)
-    sampler = EpochSeededSampler(len(train_set), seed)
-    train = _loader(
-        train_set, batch_size, sampler, num_workers, drop_last=len(train_set) > batch_size
-    )
+    if world_size > 1:
+        from qtemperate.data.sharding import DistributedEpochSampler
+
+        dist_sampler = DistributedEpochSampler(len(train_set), batch_size, rank, world_size, seed)
+        train = _loader(train_set, dist_sampler.local_batch, dist_sampler, num_workers, pin_memory=pin_memory)
+
+        def evaluation(ds: Dataset) -> DataLoader:
+            return _sharded(ds, eval_batch_size, rank, world_size, pin_memory, num_workers)
+    else:
+        sampler = EpochSeededSampler(len(train_set), seed)
+        train = _loader(
+            train_set, batch_size, sampler, num_workers, drop_last=len(train_set) > batch_size,
+            pin_memory=pin_memory,
+        )
+
+        def evaluation(ds: Dataset) -> DataLoader:
+            return _sequential(ds, eval_batch_size, pin_memory, num_workers)
     loaders = RunLoaders(
         train=train,
-        test=_sequential(bundle.test, eval_batch_size),
-        val=_sequential(bundle.val, eval_batch_size) if bundle.val is not None else None,
-        calib=_sequential(bundle.train_plain, batch_size),
-        plain=_sequential(bundle.train_plain, eval_batch_size),
+        test=evaluation(bundle.test),
+        val=evaluation(bundle.val) if bundle.val is not None else None,
+        calib=_sequential(bundle.train_plain, batch_size, pin_memory, num_workers),
+        plain=evaluation(bundle.train_plain),
         example_input=bundle.test[0][0].unsqueeze(0),
     )
     loaders.set_epoch(0)

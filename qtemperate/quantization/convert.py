@@ -206,6 +206,10 @@ def quantize(
             continue
         _set_submodule(qmodel, name, new)
     _link_bias_scale_sources(qmodel, bias_sources)
+    # The new activation quantizers are built on the CPU: join the model's device
+    # before calibration runs batches on it (a CUDA student otherwise mixes devices).
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    qmodel.to(device)
     if calibration_loader is not None:
         calibrate(qmodel, calibration_loader, calibration_batches)
     return qmodel.train(was_training)

@@ -7,7 +7,9 @@ per-update temperature of a schedule that moves with the gradient norm, optimize
 step. Multi-output models: ``y`` may be a dict of targets and the parts carry one KD
 term per distilled head. Loss parts stay tensors and are read back (a host
 sync on a GPU) only every ``log_every`` steps and at the end of the epoch, where a
-NaN/Inf stops the run before the epoch's evaluation and checkpoint.
+NaN/Inf stops the run before the epoch's evaluation and checkpoint. In a data-parallel
+run the student is DDP-wrapped and the values read back are averaged over ranks (the
+global batch's loss), so every rank logs, and stops on, the same numbers.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from qtemperate.heads import targets_to
+from qtemperate.heads import as_float, targets_to
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
+from qtemperate.training import distributed
 from qtemperate.training.checkpointing import Progress
 from qtemperate.training.console import Console
 from qtemperate.training.guards import check_finite
 from qtemperate.training.lr_schedule import lr_at, set_lr
+from qtemperate.training.precision import ComputePolicy
 from qtemperate.training.teacher import TeacherLogits
 
 __all__ = ["Distiller", "LrPlan", "stable_names"]
@@ -89,6 +93,7 @@ class Distiller:
         device: Where batches go.
         grad_clip: Max gradient norm (``inf``: no clipping, the norm is still measured).
         log_every: Read loss parts back and log every this many steps.
+        policy: Autocast and batch placement of the student (default: fp32 on ``device``).
     """
 
     student: nn.Module
@@ -99,6 +104,7 @@ class Distiller:
     device: torch.device
     grad_clip: float
     log_every: int
+    policy: ComputePolicy | None = None
 
     def train_epoch(
         self,
@@ -128,15 +134,18 @@ class Distiller:
         where = f"epoch {epoch} ({state.stage_name})"
         bar = console.bar(loader, desc=f"epoch {epoch + 1}/{sched.total_epochs} {state.stage_name}")
         within_epoch = sched.moves_per_update and not sched.wants_grad_norm
+        policy = self.policy or ComputePolicy(self.device)
         for x, y, idx in bar:
-            x, y = x.to(self.device), targets_to(y, self.device)
+            x, y = policy.to_device(x), targets_to(y, self.device)
             if within_epoch:  # T of this update's position in the epoch, before its forward
                 state = sched.step_update(progress.global_step)
                 self.loss_fn.follow(state)
             t_out = self.teacher(x, idx)
             rate = lr.at(progress.global_step)
             set_lr(self.optimizer, rate)
-            parts = self.loss_fn(self.student(x), t_out, y)
+            with policy.autocast():
+                s_out = self.student(x)
+            parts = self.loss_fn(as_float(s_out), t_out, y)
             self.optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
@@ -150,7 +159,8 @@ class Distiller:
             for k, v in named.items():
                 sums[k] = sums[k] + v if k in sums else v
             if progress.global_step % self.log_every == 0:
-                vals = {k: float(v) for k, v in named.items()}
+                reduced = distributed.mean_over_ranks({k: v for k, v in named.items() if torch.is_tensor(v)})
+                vals = {k: reduced.get(k, float(v)) for k, v in named.items()}
                 check_finite(vals["loss"], where)
                 if console.enabled:
                     bar.set_postfix(loss=f"{vals['loss']:.3f}", T=f"{state.temperature:.2f}",
@@ -167,6 +177,6 @@ class Distiller:
                     },
                     progress.global_step,
                 )
-        means = {k: float(v) / max(n, 1) for k, v in sums.items()}
+        means = distributed.mean_over_ranks({k: float(v) / max(n, 1) for k, v in sums.items()})
         check_finite(means.get("loss", 0.0), where)
         return means

@@ -19,6 +19,12 @@ multi-output teacher's heads are cached per head (a dict of tensors).
 
 A multi-output teacher (a recipe with a ``task`` section) is trained with the task loss
 of each head (:class:`~qtemperate.heads.Task`) and scored on its accuracy head.
+
+In a data-parallel run (:mod:`~qtemperate.training.distributed`) the teacher trains
+under DDP on every rank, rank 0's weights are broadcast at the end and rank 0 alone
+writes ``teacher.pt`` (and reads it on resume, broadcasting what it read); the logit
+cache is computed in shards and gathered, identical on every rank. The recipe's
+``precision.teacher`` sets the autocast of its training and of its logits.
 """
 
 from __future__ import annotations
@@ -40,16 +46,18 @@ from qtemperate.checkpoint import (
 )
 from qtemperate.data import DataBundle, RunLoaders
 from qtemperate.errors import CheckpointError
-from qtemperate.heads import Task, targets_to
+from qtemperate.heads import Task, as_float, targets_to
 from qtemperate.recipe import OptimizerConfig, Recipe
 from qtemperate.run_dir import metrics_size
 from qtemperate.tracking import MetricLogger
+from qtemperate.training import distributed
 from qtemperate.training.architecture import build_recipe_model
 from qtemperate.training.console import Console
 from qtemperate.training.evaluate import evaluate
 from qtemperate.training.guards import check_finite
 from qtemperate.training.lr_schedule import lr_at, set_lr
 from qtemperate.training.optimizer import build_optimizer
+from qtemperate.training.precision import ComputePolicy, policy_for
 from qtemperate.training.seed import rng_state, seed_all, set_rng_state
 
 __all__ = [
@@ -123,6 +131,7 @@ def train_teacher(
     logger: MetricLogger | None = None,
     console: Console | None = None,
     task: Task | None = None,
+    policy: ComputePolicy | None = None,
     *,
     checkpoint_path: str | Path | None = None,
     resume_from: dict[str, Any] | None = None,
@@ -133,22 +142,26 @@ def train_teacher(
 
     The learning rate follows :func:`~qtemperate.training.lr_schedule.lr_at` over all
     ``epochs · len(loaders.train)`` steps. After every epoch the test accuracy and loss
-    are logged (``teacher/acc``, ``teacher/test_loss``) and printed.
+    are logged (``teacher/acc``, ``teacher/test_loss``) and printed. ``model`` may be
+    DDP-wrapped (:func:`~qtemperate.training.distributed.wrap`); ``policy`` sets the
+    autocast and batch placement (default: fp32 on ``device``).
 
     Args:
-        checkpoint_path: Write a checkpoint there after every epoch (atomically).
+        checkpoint_path: Write a checkpoint there after every epoch (atomically; rank 0
+            of a data-parallel run).
         resume_from: A checkpoint :func:`load_teacher_training` read: training
             continues after its epoch, exactly as if it had not stopped.
         metrics_bytes: Returns the length of ``metrics.jsonl``, stored in each checkpoint.
     """
     console = console or Console(False)
     task = task or Task()
+    policy = policy or ComputePolicy(device)
     seed_all(seed)
     opt = build_optimizer(model, optimizer, lr)
     total = epochs * len(loaders.train)
     step, first = 0, 0
     if resume_from is not None:
-        model.load_state_dict(resume_from["state_dict"])
+        distributed.unwrap_ddp(model).load_state_dict(resume_from["state_dict"])
         opt.load_state_dict(resume_from["optimizer"])
         step, first = int(resume_from["step"]), int(resume_from["epoch"]) + 1
         set_rng_state(resume_from["rng"])
@@ -157,9 +170,11 @@ def train_teacher(
         loaders.set_epoch(TEACHER_EPOCH_OFFSET + epoch)
         bar = console.bar(loaders.train, desc=f"teacher {epoch + 1}/{epochs}")
         for x, y, _ in bar:
-            x, y = x.to(device), targets_to(y, device)
+            x, y = policy.to_device(x), targets_to(y, device)
             set_lr(opt, lr_at(step, total, lr, optimizer.schedule))
-            loss = task.loss(model(x), y)[0]
+            with policy.autocast():
+                out = model(x)
+            loss = task.loss(as_float(out), y)[0]
             check_finite(loss.detach(), "teacher")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -172,9 +187,9 @@ def train_teacher(
         if logger is not None:
             logger.log({"teacher/epoch": epoch, "teacher/acc": acc, "teacher/test_loss": test_loss}, step)
         console.say(f"teacher epoch {epoch + 1}/{epochs}: test acc {acc:.4f}, loss {test_loss:.4f}")
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and distributed.is_main():
             save_atomic(
-                {"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                {"state_dict": distributed.unwrap_ddp(model).state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                  "epochs": epochs, "step": step, "rng": rng_state(),
                  "metrics_bytes": metrics_bytes() if metrics_bytes is not None else None},
                 checkpoint_path,
@@ -204,36 +219,44 @@ def prepare_teacher(
     """
     t = recipe.teacher
     model = build_recipe_model(recipe, "teacher", bundle.num_classes, bundle.in_channels, device)
+    policy = policy_for(recipe.precision.teacher, device)
     saved_path, training_path = run_dir / TEACHER_FILE, run_dir / TEACHER_TRAINING_FILE
-    if resume and saved is None and saved_path.is_file():
-        saved = load_saved_teacher(saved_path, device)
+    if resume and saved is None:  # rank 0 reads, every rank gets what it read
+        saved = distributed.from_main(
+            lambda: load_saved_teacher(saved_path, "cpu") if saved_path.is_file() else None)
     if resume and saved is not None:
         state = state_dict_from(saved, saved_path)
         check_state_dict(model, state, str(saved_path))
         model.load_state_dict(state)
-        training_path.unlink(missing_ok=True)  # left by a kill between the two writes
-        return model.eval(), int(saved.get("steps", 0))
+        if distributed.is_main():
+            training_path.unlink(missing_ok=True)  # left by a kill between the two writes
+        return policy.prepare(model).eval(), int(saved.get("steps", 0))
     steps = 0
     if t.checkpoint is not None:
         load_teacher_weights(model, t.checkpoint, device)
     else:
         assert t.train is not None  # the recipe guarantees a checkpoint or training
-        if resume and training is None and training_path.is_file():
-            training = load_teacher_training(training_path, device)
+        if resume and training is None:  # rank 0 reads, every rank gets what it read
+            training = distributed.from_main(
+                lambda: load_teacher_training(training_path, "cpu") if training_path.is_file() else None)
         if training is not None:
             console = console or Console(False)
             console.say(f"teacher: resuming after epoch {int(training['epoch']) + 1}/{t.train.epochs}")
         steps = train_teacher(
-            model, loaders, t.train.epochs, t.train.lr, recipe.optimizer, device,
-            seed=recipe.seed, logger=logger, console=console, task=Task.from_recipe(recipe),
+            distributed.wrap(policy.prepare(model), device, recipe.distributed.sync_batchnorm),
+            loaders, t.train.epochs, t.train.lr, recipe.optimizer, device,
+            seed=recipe.seed, logger=logger, console=console, task=Task.from_recipe(recipe), policy=policy,
             checkpoint_path=training_path, resume_from=training if resume else None,
             metrics_bytes=lambda: metrics_size(run_dir),
         )
+        model = distributed.unwrap(model)
+    distributed.sync_module_(model)  # rank 0's weights (BN buffers last updated per rank)
     kwargs = {"num_classes": bundle.num_classes, "in_channels": bundle.in_channels, **t.kwargs}
-    save_atomic({"state_dict": model.state_dict(), "model": t.model, "kwargs": kwargs, "steps": steps,
-                 "metrics_bytes": metrics_size(run_dir)}, saved_path)
-    training_path.unlink(missing_ok=True)  # teacher.pt supersedes it
-    return model.eval(), steps
+    if distributed.is_main():
+        save_atomic({"state_dict": model.state_dict(), "model": t.model, "kwargs": kwargs, "steps": steps,
+                     "metrics_bytes": metrics_size(run_dir)}, saved_path)
+        training_path.unlink(missing_ok=True)  # teacher.pt supersedes it
+    return policy.prepare(model).eval(), steps
 
 
 def should_cache_logits(mode: str, augmented: bool) -> tuple[bool, str]:
@@ -255,17 +278,29 @@ TeacherOutputs = torch.Tensor | dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def cache_teacher_logits(teacher: nn.Module, loaders: RunLoaders, device: torch.device) -> TeacherOutputs:
+def cache_teacher_logits(
+    teacher: nn.Module, loaders: RunLoaders, device: torch.device, policy: ComputePolicy | None = None
+) -> TeacherOutputs:
     """Teacher logits of every training sample, in index order (``loaders.plain``).
 
     A multi-output teacher gives a dict of heads, each cached as one tensor (row ``i``
-    of every head belongs to training index ``i``).
+    of every head belongs to training index ``i``). In a data-parallel run
+    ``loaders.plain`` reads this rank's contiguous shard; the shards are gathered, so
+    every rank returns the whole table.
     """
+    policy = policy or ComputePolicy(device)
     teacher.eval()
-    outs = [teacher(batch[0].to(device)) for batch in loaders.plain]
-    if outs and isinstance(outs[0], Mapping):
-        return {head: torch.cat([o[head].float() for o in outs]) for head in outs[0]}
-    return torch.cat([o.float() for o in outs])
+    n = len(loaders.plain.dataset)  # type: ignore[arg-type]
+    outs = []
+    for batch in loaders.plain:
+        with policy.autocast():
+            outs.append(as_float(teacher(policy.to_device(batch[0]))))
+    if not outs:  # an empty shard (fewer samples than processes): shapes from one input
+        one = as_float(teacher(policy.to_device(loaders.example_input)))
+        outs.append({h: v[:0] for h, v in one.items()} if isinstance(one, Mapping) else one[:0])
+    if isinstance(outs[0], Mapping):
+        return {head: distributed.gather_shards(torch.cat([o[head] for o in outs]), n) for head in outs[0]}
+    return distributed.gather_shards(torch.cat(outs), n)
 
 
 class TeacherLogits:
@@ -275,11 +310,13 @@ class TeacherLogits:
         teacher: The teacher model (kept in eval mode; never updated).
         cache: Logits of every training sample by index (a dict of them per head for a
             multi-output teacher), or ``None``.
+        policy: Autocast of the live teacher (default fp32); logits are returned in fp32.
     """
 
-    def __init__(self, teacher: nn.Module, cache: TeacherOutputs | None) -> None:
+    def __init__(self, teacher: nn.Module, cache: TeacherOutputs | None, policy: ComputePolicy | None = None) -> None:
         self.teacher = teacher
         self.cache = cache
+        self.policy = policy
 
     @property
     def cached(self) -> bool:
@@ -292,4 +329,7 @@ class TeacherLogits:
             return self.cache[index.to(self.cache.device)]
         self.teacher.eval()
         with torch.no_grad():
-            return self.teacher(x)
+            if self.policy is None:
+                return self.teacher(x)
+            with self.policy.autocast():
+                return as_float(self.teacher(x))
