@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,12 @@ from qtemperate.checkpoint import load_checkpoint, save_atomic, save_student
 from qtemperate.data import DataBundle, RunLoaders, build_datasets, build_run_loaders
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
+from qtemperate.preflight import ProtocolWarning, check_validation_split
 from qtemperate.recipe import Recipe
+from qtemperate.schedule_switches import ModelFacts, resolve_switches, write_temperature_table
 from qtemperate.size import SizeReport, model_size
 from qtemperate.tracking import MetricLogger, build_loggers
+from qtemperate.tracking.tradeoff import log_run_results, run_facts, run_tags
 from qtemperate.training.checkpointing import (
     CHECKPOINT,
     Progress,
@@ -117,8 +121,8 @@ class Trainer:
         )
         logger = self._logger or build_loggers(
             list(r.tracking.loggers), self.run_dir, project=r.tracking.project, group=r.group,
-            name=self.run_dir.name, mode=r.tracking.mode, tags=list(r.tracking.tags),
-            config=r.model_dump(mode="json"), resume=self.resume,
+            name=self.run_dir.name, mode=r.tracking.mode, tags=run_tags(r),
+            config=r.model_dump(mode="json"), resume=self.resume, job_type="train",
         )
         try:
             return self._pipeline(ckpt, logger, t_start)
@@ -133,6 +137,8 @@ class Trainer:
             d.name, root=d.root, val_fraction=d.val_fraction, limit_train=d.limit_train,
             limit_test=d.limit_test, seed=r.seed, augment=d.augment, **d.kwargs,
         )
+        for line in check_validation_split(r, len(bundle.val or ()), len(bundle.train)):  # type: ignore[arg-type]
+            warnings.warn(line, ProtocolWarning, stacklevel=2)
         loaders = build_run_loaders(bundle, d.batch_size, d.eval_batch_size, d.num_workers, r.seed)
         example = loaders.example_input.to(device)
         logger.log_config(r.model_dump(mode="json"))
@@ -143,18 +149,23 @@ class Trainer:
         teacher_acc, _ = evaluate(teacher, loaders.test, device)
         t_size = model_size(teacher, example)
 
-        # 2. The student architecture (restored on resume: pruning is not repeated).
+        # 2. The student architecture (restored on resume: pruning is not repeated), then the
+        #    switches that need it (base_temperature: auto, hardware) resolved into plain stages.
         arch, plan = self._student_arch(ckpt, teacher, bundle, loaders, example, t_size)
+        switches = resolve_switches(r, ModelFacts(bundle.num_classes, int(t_size.params),
+                                                  int(model_size(arch).params), tuple(bundle.class_counts)), say)
+        write_temperature_table(switches, self.run_dir)
+        logger.log_config({"resolved_switches": switches.config()})
 
         # 3. Teacher logits: cached once when the data is fixed.
         cache, why = should_cache_logits(r.distillation.cache_teacher_logits, bundle.augmented)
         self.teacher_logits_cached = cache
         say(f"teacher logits cached: {'yes' if cache else 'no'} ({why})")
-        logger.log({"teacher_logits_cached": int(cache)}, self.step_offset)
+        logger.log({"teacher/logits_cached": int(cache)}, self.step_offset)  # the summary key is teacher_logits_cached
         teacher_out = TeacherLogits(teacher, cache_teacher_logits(teacher, loaders, device) if cache else None)
 
         # 4. The stages, epoch by epoch.
-        sched = JointScheduler.from_recipe(r)
+        sched = JointScheduler.from_recipe(switches.recipe)
         loss_fn = TemperateLoss(kd_weight=r.distillation.kd_weight,
                                 temperatures=tuple(r.distillation.temperatures), weights=r.distillation.weights)
         prog = Progress()
@@ -223,12 +234,11 @@ class Trainer:
         s_size = model_size(student, example)
         export = self._export(student, teacher, bundle)
         prog.elapsed_s += time.perf_counter() - t_start
-        summary = self._summary(teacher_acc, student_acc, t_size, s_size, plan, prog, export)
+        summary = {**self._summary(teacher_acc, student_acc, t_size, s_size, plan, prog, export),
+                   **run_facts(r, bundle, teacher), **switches.summary()}
         (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
-        logger.log_summary(summary)
-        cols = ["name", "weight_bits", "act_bits", "epochs", "final_T", "accuracy", "bytes"]
-        logger.log_table("stages", cols, [[s[c] for c in cols] for s in prog.stages])
-        logger.log_artifact(self.run_dir / "student.pt", name=f"{r.name}-student", type="model")
+        # Flat W&B summary, stages and tradeoff tables, student.pt and *.onnx artifacts, schedule figure.
+        log_run_results(logger, self.run_dir, r, summary, prog.history, switches.recipe)
         return summary
 
     # -- named steps ------------------------------------------------------------------
