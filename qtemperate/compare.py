@@ -232,11 +232,12 @@ def compare_runs(
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as aligned text (what ``qtemperate compare`` prints)."""
-    lines = [f"{'run':<32}{'teacher':>9}{'student':>9}{'drop':>8}{'ratio':>9}{'KiB':>10}{'b1 ms':>9}{'pareto':>8}"]
+    w = max([32, *(len(str(r["run"])) + 2 for r in rows)])
+    lines = [f"{'run':<{w}}{'teacher':>9}{'student':>9}{'drop':>8}{'ratio':>9}{'KiB':>10}{'b1 ms':>9}{'pareto':>8}"]
     for r in rows:
         lat = r.get("latency_b1_ms")
         lines.append(
-            f"{r['run']:<32}{r['teacher_acc']:>9.4f}{r['student_acc']:>9.4f}{r['acc_drop'] * 100:>7.2f}%"
+            f"{r['run']:<{w}}{r['teacher_acc']:>9.4f}{r['student_acc']:>9.4f}{r['acc_drop'] * 100:>7.2f}%"
             f"{r['compression_ratio']:>9.4f}{r['student_bytes'] / 1024:>10.1f}"
             f"{(f'{lat:.3f}' if lat is not None else '-'):>9}{('*' if r['pareto'] else ''):>8}"
         )
@@ -253,9 +254,10 @@ def pareto_plot(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     out = Path(out)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.6, 4.8), dpi=120)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((_dataset_key(r), _teacher_key(r)), []).append(r)
@@ -265,8 +267,12 @@ def pareto_plot(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
         ys = [r["student_acc"] * 100 for r in members]
         colors = ["tab:red" if r["pareto"] else "tab:gray" for r in members]
         ax.scatter(xs, ys, c=colors, marker=markers[g % len(markers)], zorder=3)
+        labels: dict[tuple[float, float], list[str]] = {}  # runs on the same point share one label
         for r, x, y in zip(members, xs, ys):
-            ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            labels.setdefault((x, y), []).append(str(r["run"]))
+        for (x, y), names in labels.items():
+            text = ", ".join(n if len(n) <= 28 else n[:27] + "…" for n in names)
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6.5)
         front = sorted((x, y) for r, x, y in zip(members, xs, ys) if r["pareto"])
         label = "Pareto front" if len(groups) == 1 else f"front: {dkey}, {tkey}"[:70]
         if len(front) > 1:
@@ -276,8 +282,14 @@ def pareto_plot(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
         ax.axhline(t * 100, color="tab:blue", ls="--", lw=0.8)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("student bytes / teacher float bytes (log)")
+    ratios = [r["compression_ratio"] for r in rows]
+    log = max(ratios) / max(min(ratios), 1e-12) > 10  # a log axis only when sizes span a decade
+    if log:
+        ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.margins(x=0.25, y=0.12)
+    ax.set_xlabel("student bytes / teacher float bytes" + (" (log)" if log else ""))
     ax.set_ylabel("student top-1 accuracy (%)")
     ax.set_title("qtemperate: size vs accuracy (dashed: teacher)")
     ax.grid(True, which="both", alpha=0.3)

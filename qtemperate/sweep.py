@@ -156,7 +156,9 @@ def parse_grid(specs: Sequence[str]) -> list[GridAxis]:
 
 
 def _slug(overrides: Sequence[tuple[str, str]]) -> str:
-    text = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides)
+    """``leaf=value,...`` for a folder name: ``[6.0, 3.0, 1.0]`` reads ``6.0+3.0+1.0``."""
+    values = [re.sub(r"[\[\]{}'\" ]", "", v).replace(",", "+") for _, v in overrides]
+    text = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for (k, _), v in zip(overrides, values))
     return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", text).strip("_")[:80] or "point"
 
 
