@@ -98,7 +98,10 @@ def _from_wandb(runs: Sequence[Any], source: str) -> list[tuple[str, str, dict[s
     for run in runs:
         if run.job_type == "compare":
             continue  # a comparison logged by log_comparison, not a training run
-        flat = {k: v for k, v in run.summary.items() if not k.startswith("_")}
+        # W&B's own keys (_step, _runtime ...) and table/image references are not results.
+        flat = {k: v for k, v in run.summary.items()
+                if not k.startswith("_") and not (isinstance(v, dict) and "_type" in v)}
+        flat = flat_summary(flat)  # runs logged before the summary was flat
         if flat.get("student_acc") is None:
             unfinished.append(run.name or run.run_id)
             continue
