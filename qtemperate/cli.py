@@ -83,6 +83,13 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print("\n".join(lines))
 
 
+def _need_matplotlib(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f"{what} needs matplotlib: pip install 'qtemperate[plot]'")
+
+
 def _warn(lines: Sequence[str]) -> None:
     for line in lines:
         print(f"qtemperate: warning: {line}", file=sys.stderr)
@@ -144,6 +151,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qtemperate.planner import plan_recipe
 
     recipe = load_recipe(args.recipe, args.set or [])
+    if args.plot:
+        _need_matplotlib("--plot")
     result = plan_recipe(recipe)
     if args.plot:
         from qtemperate.plots import schedule_figure
@@ -180,6 +189,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(format_table(rows))
     out = None
     if not args.no_plot:
+        _need_matplotlib("the Pareto plot (or pass --no-plot)")
         out = pareto_plot(rows, args.out)
         print(f"pareto plot: {out}")
     if args.log_to_wandb:
