@@ -35,6 +35,14 @@ Profiles:
 * ``full`` (GPU): all 60k/10k images; teacher ``resnet20`` trained 30 epochs;
   stages W8A8 5 epochs → W4A4 15 epochs.
 
+Validation protocol: every student run carves a class-balanced validation split from
+its training slice (``data.val_fraction``, the recipe default 0.1; seeded by the run's
+seed); its loss drives the adaptive temperature and the plateau trigger, the test slice
+only gives the reported accuracy. The shared teacher is trained on the whole training
+slice (it reads no validation loss). Runs before 2026-11-28 18:00 UTC used
+``val_fraction: 0`` (the test loss drove the temperatures); pass
+``--set data.val_fraction=0`` to reproduce them.
+
 Finished runs (``summary.json`` present) are reused, so an interrupted study can be
 restarted with the same command. Prints a table (mean ± std over seeds) and writes JSON.
 """
@@ -292,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         "profile": args.profile,
         "profile_config": profile,
         "overrides": args.overrides,
+        "val_fraction": parse_recipe(method_recipe(args.methods[0], profile, teacher_ckpt, 0, runs_dir,
+                                                   args.overrides)).data.val_fraction,
         "teacher": teacher,
         "teacher_shared": "one teacher, trained once (seed 0) and shared by every method and seed via teacher.checkpoint",
         "seeds": list(range(args.seeds)),

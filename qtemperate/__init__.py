@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from qtemperate.checkpoint import upgrade_student as upgrade_student
     from qtemperate.compare import compare_runs as compare_runs
     from qtemperate.compare import pareto_front as pareto_front
+    from qtemperate.compare import pareto_plot as pareto_plot
     from qtemperate.data import DATASETS as DATASETS
     from qtemperate.data import DataBundle as DataBundle
     from qtemperate.data import DatasetInfo as DatasetInfo
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
     from qtemperate.planner import PlanReport as PlanReport
     from qtemperate.planner import plan_recipe as plan_recipe
     from qtemperate.planner import plan_student as plan_student
+    from qtemperate.plots import schedule_figure as schedule_figure
     from qtemperate.preflight import preflight as preflight
     from qtemperate.pruning import IMPORTANCES as IMPORTANCES
     from qtemperate.pruning import PruneReport as PruneReport
@@ -90,15 +92,22 @@ if TYPE_CHECKING:
     from qtemperate.quantization import get_quant_config as get_quant_config
     from qtemperate.quantization import quantize as quantize
     from qtemperate.quantization import set_bit_width as set_bit_width
+    from qtemperate.schedule_switches import ModelFacts as ModelFacts
+    from qtemperate.schedule_switches import no_feedback_path as no_feedback_path
+    from qtemperate.schedule_switches import resolve_switches as resolve_switches
     from qtemperate.size import SizeReport as SizeReport
     from qtemperate.size import count_macs as count_macs
     from qtemperate.size import model_size as model_size
+    from qtemperate.sweep import parse_grid as parse_grid
+    from qtemperate.sweep import plan_sweep as plan_sweep
+    from qtemperate.sweep import run_sweep as run_sweep
     from qtemperate.tracking import ConsoleLogger as ConsoleLogger
     from qtemperate.tracking import JsonlLogger as JsonlLogger
     from qtemperate.tracking import MetricLogger as MetricLogger
     from qtemperate.tracking import MultiLogger as MultiLogger
     from qtemperate.tracking import WandbLogger as WandbLogger
     from qtemperate.tracking import build_loggers as build_loggers
+    from qtemperate.tracking.wandb_reader import read_wandb_run as read_wandb_run
     from qtemperate.trainer import Trainer as Trainer
     from qtemperate.trainer import TrainingDiverged as TrainingDiverged
 
@@ -164,6 +173,15 @@ _LAZY = {
     "RunFolderBusy": "qtemperate.errors",
     "compare_runs": "qtemperate.compare",
     "pareto_front": "qtemperate.compare",
+    "pareto_plot": "qtemperate.compare",
+    "schedule_figure": "qtemperate.plots",
+    "ModelFacts": "qtemperate.schedule_switches",
+    "no_feedback_path": "qtemperate.schedule_switches",
+    "resolve_switches": "qtemperate.schedule_switches",
+    "parse_grid": "qtemperate.sweep",
+    "plan_sweep": "qtemperate.sweep",
+    "run_sweep": "qtemperate.sweep",
+    "read_wandb_run": "qtemperate.tracking.wandb_reader",
     "preflight": "qtemperate.preflight",
     "TrainingDiverged": "qtemperate.trainer",
     "resolve_model": "qtemperate.models",
@@ -193,6 +211,7 @@ __all__ = [
     "JsonlLogger",
     "LookupTableTemperature",
     "MetricLogger",
+    "ModelFacts",
     "MultiLogger",
     "NoCoupling",
     "PlanReport",
@@ -239,17 +258,25 @@ __all__ = [
     "make_loaders",
     "model_size",
     "multi_scale_kd_loss",
+    "no_feedback_path",
     "normalize_weights",
     "pareto_front",
+    "pareto_plot",
+    "parse_grid",
     "plan_recipe",
     "plan_student",
+    "plan_sweep",
     "preflight",
     "prune",
     "pruning_plan",
     "quantize",
+    "read_wandb_run",
     "recalibrate_batchnorm",
     "resolve_model",
+    "resolve_switches",
+    "run_sweep",
     "save_student",
+    "schedule_figure",
     "set_bit_width",
     "settings_model",
     "suggest_initial_temperature",

@@ -1,6 +1,6 @@
 """The ``qtemperate`` command line.
 
-Verbs: ``run``, ``validate``, ``plan``, ``compare``, ``export``. Every failure prints
+Verbs: ``run``, ``validate``, ``plan``, ``compare``, ``sweep``, ``export``. Every failure prints
 one line and exits with the code :mod:`qtemperate.errors` documents: 2 for bad input
 (a recipe field, a missing or malformed file, a class-count mismatch — before any
 training, without touching an existing run), 3 for the environment (disk full,
@@ -99,8 +99,25 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print("\n".join(lines))
 
 
+def _need_matplotlib(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f"{what} needs matplotlib: pip install 'qtemperate[plot]'")
+
+
+def _warn(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(f"qtemperate: warning: {line}", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from qtemperate.preflight import degenerate_settings, preflight
+    from qtemperate.preflight import (
+        ProtocolWarning,
+        degenerate_settings,
+        preflight,
+        validation_warnings,
+    )
     from qtemperate.run_dir import check_allow_changes, claim_fresh, claim_run_dir
 
     recipe = load_recipe(args.recipe, args.set or [])
@@ -108,9 +125,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if allow and not args.resume:
         raise UsageError("--allow-change only applies with --resume")
     preflight(recipe)
-    for message in degenerate_settings(recipe):
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        for message in degenerate_settings(recipe):
             warnings.warn(message, QtemperateWarning, stacklevel=1)
+        _warn(validation_warnings(recipe))
+    # printed above as one line; not again from inside the run
+    warnings.filterwarnings("ignore", category=ProtocolWarning)
     if args.offline:
         os.environ["WANDB_MODE"] = "offline"
     from qtemperate.trainer import Trainer, TrainingDiverged
@@ -177,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from qtemperate.preflight import degenerate_settings, preflight
+    from qtemperate.preflight import degenerate_settings, preflight, validation_warnings
 
     bad = 0
     for path in args.recipes:
@@ -188,6 +208,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             for message in degenerate_settings(recipe):
                 warnings.warn(f"{path}: {message}", QtemperateWarning, stacklevel=1)
             print(f"ok: {path} ({len(recipe.stages)} stages, {recipe.total_epochs} epochs)")
+            _warn([f"{path}: {w}" for w in validation_warnings(recipe)])
         except (RecipeError, BadInput, FileNotFoundError) as exc:
             print(f"qtemperate: error: {one_line(exc)}", file=sys.stderr)
             bad += 1
@@ -198,13 +219,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qtemperate.planner import plan_recipe
 
     recipe = load_recipe(args.recipe, args.set or [])
+    if args.plot:
+        _need_matplotlib("--plot")
     try:
         result = plan_recipe(recipe)
     except ValueError as exc:  # an unreachable target names its field
         raise BadInput(str(exc)) from None
+    if args.plot:
+        from qtemperate.plots import schedule_figure
+
+        title = recipe.name + (f" (hardware: {recipe.hardware})" if recipe.hardware else "")
+        png = schedule_figure(result["schedule"], args.plot, title=title,
+                              reference_temperatures=result["reference_temperatures"])
+        print(f"schedule plot: {png} (no validation feedback: see the note in the figure)",
+              file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    for note in result["switches"]:
+        print(note)
     print(f"plan for {recipe.name}: teacher {result['teacher']['model']} "
           f"{result['teacher']['params']:,} params, {result['teacher']['macs'] or 0:,} MACs, "
           f"{result['teacher_float_bytes'] / 2**20:.2f} MiB float")
@@ -221,18 +254,69 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from qtemperate.compare import compare_runs, pareto_plot
+    from qtemperate.compare import compare_runs, format_table, log_comparison, pareto_plot
 
-    rows = compare_runs(args.run_dirs)
-    print(f"{'run':<32}{'teacher':>9}{'student':>9}{'drop':>8}{'ratio':>9}{'KiB':>10}{'b1 ms':>9}{'pareto':>8}")
-    for r in rows:
-        lat = r.get("latency_b1_ms")
-        print(f"{r['run']:<32}{r['teacher_acc']:>9.4f}{r['student_acc']:>9.4f}{r['acc_drop'] * 100:>7.2f}%"
-              f"{r['compression_ratio']:>9.4f}{r['student_bytes'] / 1024:>10.1f}"
-              f"{(f'{lat:.3f}' if lat is not None else '-'):>9}{('*' if r['pareto'] else ''):>8}")
+    rows = compare_runs(args.run_dirs, allow_mixed=args.allow_mixed)
+    print(format_table(rows))
+    out = None
     if not args.no_plot:
+        _need_matplotlib("the Pareto plot (or pass --no-plot)")
         out = pareto_plot(rows, args.out)
         print(f"pareto plot: {out}")
+    if args.log_to_wandb:
+        if args.offline:
+            os.environ["WANDB_MODE"] = "offline"
+        wandb_dir = Path(args.wandb_dir) if args.wandb_dir else Path(args.out).resolve().parent
+        lg = log_comparison(rows, out, wandb_dir, project=args.project, group=args.group,
+                            name=args.name or "comparison")
+        if lg.run_file is None:
+            raise UsageError("--log-to-wandb: W&B could not start a run (see the warning above)")
+        print(f"comparison logged to W&B: {lg.url or lg.run_file}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from qtemperate.sweep import (
+        create_wandb_sweep,
+        parse_grid,
+        plan_sweep,
+        run_sweep,
+        wandb_sweep_config,
+    )
+
+    axes = parse_grid(args.grid or [])
+    sweep = plan_sweep(args.recipe, axes, args.set or [], name=args.name)
+    base = sweep.points[0].recipe
+    if args.wandb_sweep:
+        import yaml
+
+        config = wandb_sweep_config(sweep)
+        if args.dry_run:
+            print(yaml.safe_dump(config, sort_keys=False), end="")
+            return 0
+        sweep_id = create_wandb_sweep(config, project=base.tracking.project, entity=args.entity)
+        where = "/".join(p for p in (args.entity, base.tracking.project, sweep_id) if p)
+        print(f"W&B sweep {sweep_id} created ({len(sweep.points)} points, group {sweep.name}); "
+              f"start agents with: wandb agent {where}")
+        return 0
+    print(f"sweep {sweep.name}: {len(sweep.points)} points in {sweep.folder}")
+    if args.dry_run:
+        for p in sweep.points:
+            print(f"  {p.run_dir.name}: --set {' '.join(p.overrides)}")
+        return 0
+    if args.offline:
+        os.environ["WANDB_MODE"] = "offline"
+    from qtemperate.preflight import ProtocolWarning, validation_warnings
+
+    _warn(validation_warnings(base))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProtocolWarning)
+        run_sweep(sweep, progress=not args.no_progress)
+    failed = [p for p in sweep.points if p.status == "failed"]
+    if failed:
+        print(f"qtemperate: {len(failed)} point(s) diverged: {', '.join(p.run_dir.name for p in failed)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -256,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a recipe end to end")
     r.add_argument("recipe")
-    r.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe field (repeatable)")
+    r.add_argument("--set", action="extend", nargs="+", metavar="KEY.PATH=VALUE",
+                   help="override recipe fields (repeatable; several per --set)")
     r.add_argument("--resume", action="store_true", help="continue runs/<name> from its last checkpoint")
     r.add_argument("--run-dir", help="output folder (default runs/<name>, or a fresh -N suffix)")
     r.add_argument("--allow-change", action="append", metavar="FIELD",
@@ -277,15 +362,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="dry run: sizes per stage without data or training")
     pl.add_argument("recipe")
-    pl.add_argument("--set", action="append", metavar="KEY.PATH=VALUE")
+    pl.add_argument("--set", action="extend", nargs="+", metavar="KEY.PATH=VALUE")
     pl.add_argument("--json", action="store_true")
+    pl.add_argument("--plot", metavar="PNG", help="draw temperatures and bits per epoch (no validation feedback)")
     pl.set_defaults(func=cmd_plan)
 
-    c = sub.add_parser("compare", help="table and size-vs-accuracy Pareto plot of runs")
-    c.add_argument("run_dirs", nargs="+")
+    c = sub.add_parser("compare", help="table and size-vs-accuracy Pareto plot of runs (folders, W&B files, "
+                       "or entity/project[/group] online)")
+    c.add_argument("run_dirs", nargs="+", metavar="SOURCE",
+                   help="a run folder, a W&B run folder/file (offline), or [wandb:]entity/project[/group]")
     c.add_argument("--out", default="pareto.png")
     c.add_argument("--no-plot", action="store_true")
+    c.add_argument("--allow-mixed", action="store_true",
+                   help="accept runs of different datasets or teachers (one front per group)")
+    c.add_argument("--log-to-wandb", action="store_true", help="log the table and the plot as a W&B run")
+    c.add_argument("--project", default="qtemperate", help="W&B project of --log-to-wandb")
+    c.add_argument("--group", help="W&B group of --log-to-wandb")
+    c.add_argument("--name", help="W&B run name of --log-to-wandb (default: comparison)")
+    c.add_argument("--wandb-dir", help="folder of the W&B run files (default: the plot's folder)")
+    c.add_argument("--offline", action="store_true", help="force W&B offline mode")
     c.set_defaults(func=cmd_compare)
+
+    sw = sub.add_parser("sweep", help="run a recipe over a grid of --set values (one W&B group), then compare")
+    sw.add_argument("recipe")
+    sw.add_argument("--grid", action="append", metavar="KEY.PATH=V1,V2,...",
+                    help="an axis of the grid (repeatable; values are YAML)")
+    sw.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override for every point")
+    sw.add_argument("--name", help="sweep name: W&B group and folder (default <recipe>-sweep-<digest>)")
+    sw.add_argument("--dry-run", action="store_true", help="list the points (with --wandb-sweep: print its config)")
+    sw.add_argument("--wandb-sweep", action="store_true",
+                    help="create a W&B sweep (online) whose agents run `qtemperate run --set ...` per point")
+    sw.add_argument("--entity", help="W&B entity of --wandb-sweep")
+    sw.add_argument("--offline", action="store_true", help="force W&B offline mode")
+    sw.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sw.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser("export", help="re-export a run's student to ONNX, verify and time it")
     e.add_argument("run_dir")

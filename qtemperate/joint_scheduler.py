@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING, Any
 from qtemperate.bits import FLOAT_BITS, check_bits, halvings, is_quantized
 from qtemperate.losses import normalize_weights
 from qtemperate.temperature import (
+    AUTO_TEMPERATURE,
     TEMPERATURE_SCHEDULES,
     StageContext,
     TemperatureSchedule,
@@ -386,6 +387,11 @@ class JointScheduler:
         """The coupled starting temperature of a stage, clamped to [min, max]."""
         st = self.stages[stage_index]
         explicit = st.schedule_kwargs.get("base_temperature")
+        if explicit == AUTO_TEMPERATURE:
+            raise ValueError(
+                "base_temperature 'auto' is not resolved: a run resolves it from the data and the "
+                "model sizes (qtemperate.schedule_switches.resolve_switches) before building the scheduler"
+            )
         t0 = (
             float(explicit)
             if explicit is not None

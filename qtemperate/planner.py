@@ -260,7 +260,10 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
     Builds the teacher architecture (input shape and class count from the dataset
     name), derives the student exactly as a run would (same planner, no BatchNorm
     re-estimation), quantizes it through the stages and reports per stage params,
-    MACs, bytes and ``compression_ratio`` (student bytes / teacher float bytes).
+    MACs, bytes and ``compression_ratio`` (student bytes / teacher float bytes), and
+    the schedule per epoch without validation feedback (``schedule``: rows of
+    :func:`~qtemperate.schedule_switches.no_feedback_path`; ``switches``: what
+    ``base_temperature: auto`` and ``hardware`` resolved to, class counts not read).
     """
     from qtemperate.preflight import dataset_info
     from qtemperate.training.architecture import build_recipe_model
@@ -279,6 +282,15 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
         recipe, teacher, info.num_classes, info.in_channels, example, iterative_steps=1, teacher_size=t_size,
     )
     student.eval()
+    # The schedule as planned: switches resolved (a dry run reads no class counts) and the
+    # no-feedback path of every stage (no validation loss before training).
+    from qtemperate.joint_scheduler import JointScheduler
+    from qtemperate.schedule_switches import ModelFacts, no_feedback_path, resolve_switches
+
+    switches = resolve_switches(
+        recipe, ModelFacts(info.num_classes, int(t_size.params), int(model_size(student).params))
+    )
+    sched = JointScheduler.from_recipe(switches.recipe)
     stages = plan_stages(
         student, example, [(st.label, st.weight_bits, st.act_bits) for st in recipe.stages],
         teacher_bytes, first_last_bits=s.first_last_bits, per_channel=s.per_channel,
@@ -294,5 +306,8 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
         "student_bytes": stages[-1].bytes,
         "compression_ratio": stages[-1].compression_ratio,
         "stages": [asdict(st) for st in stages],
+        "switches": switches.notes,
+        "reference_temperatures": list(sched.base_temperatures),
+        "schedule": no_feedback_path(sched),
         "seconds": time.perf_counter() - t0,
     }

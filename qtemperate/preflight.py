@@ -39,7 +39,60 @@ from qtemperate.data import dataset_info as _dataset_info
 from qtemperate.errors import BadInput, CheckpointError, DataFormatError
 from qtemperate.recipe import Recipe, RecipeError
 
-__all__ = ["DatasetInfo", "check_bundle", "check_models", "dataset_info", "degenerate_settings", "preflight"]
+__all__ = [
+    "DatasetInfo",
+    "ProtocolWarning",
+    "check_bundle",
+    "check_models",
+    "check_validation_split",
+    "dataset_info",
+    "degenerate_settings",
+    "preflight",
+    "validation_warnings",
+]
+
+
+class ProtocolWarning(UserWarning):
+    """A recipe that lets the test split drive training decisions (``val_fraction: 0``)."""
+
+
+def validation_warnings(recipe: Recipe) -> list[str]:
+    """Warnings about the validation protocol of a recipe (empty when it is sound).
+
+    The test split is for the reported accuracy only; the loss that drives the
+    adaptive temperature and its plateau trigger comes from a validation split
+    carved from the training data (``data.val_fraction``, 0.1 by default). With
+    ``val_fraction: 0`` and a stage whose schedule reads that loss, the temperatures
+    follow the test loss: one warning says so, naming the stages.
+    """
+    from qtemperate.schedule_switches import reads_validation_loss
+
+    if recipe.data.val_fraction > 0:
+        return []
+    stages = reads_validation_loss(recipe)
+    if not stages:
+        return []
+    return [
+        f"data.val_fraction is 0: the temperatures of stage(s) {', '.join(stages)} (adaptive phase, "
+        "plateau trigger) will follow the TEST loss; set data.val_fraction > 0 (default 0.1) to "
+        "carve a validation split from the training data"
+    ]
+
+
+def check_validation_split(recipe: Recipe, val_samples: int, train_samples: int) -> list[str]:
+    """Check the built splits against the protocol; return :func:`validation_warnings`.
+
+    Raises:
+        RecipeError: ``data.val_fraction`` > 0 held out no sample (too little data per
+            class), so the schedule would read an empty split.
+    """
+    f = recipe.data.val_fraction
+    if f > 0 and val_samples == 0:
+        raise RecipeError(
+            f"data.val_fraction: {f} of {train_samples} training samples holds out no sample "
+            "(rounded per class); raise it or use more data"
+        )
+    return validation_warnings(recipe)
 
 
 def dataset_info(name: str, kwargs: dict[str, Any] | None = None) -> DatasetInfo:

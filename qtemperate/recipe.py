@@ -297,9 +297,10 @@ class DataConfig(_Strict):
 
     ``name`` is a key of :data:`qtemperate.data.DATASETS`, so a dataset registered by
     user code is usable by name; ``kwargs`` are its builder's options (checked by
-    :func:`qtemperate.preflight.preflight`). ``val_fraction`` holds out a stratified
-    part of the training set whose loss drives the temperature schedule; with 0 the
-    test split's loss does (accuracy is always reported on the test split).
+    :func:`qtemperate.preflight.preflight`). ``val_fraction`` (default 0.1) holds out a
+    class-balanced part of the training set whose loss drives the temperature schedule
+    and its plateau trigger; the test split is only read for the reported accuracy.
+    With 0 the test split's loss drives them, and the run warns.
     ``batch_size`` is the global batch of one optimizer step: under torchrun with ``W``
     processes each loads ``batch_size / W``; ``eval_batch_size`` and ``num_workers`` are
     per process.
@@ -311,7 +312,7 @@ class DataConfig(_Strict):
     eval_batch_size: Int = Field(default=512, gt=0)
     limit_train: Int | None = Field(default=None, gt=0)
     limit_test: Int | None = Field(default=None, gt=0)
-    val_fraction: float = Field(default=0.0, ge=0, lt=1)
+    val_fraction: float = Field(default=0.1, ge=0, lt=1)
     augment: bool = False
     num_workers: Int = Field(default=0, ge=0)
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -487,12 +488,19 @@ class DistributedConfig(_Strict):
 
 
 class Recipe(_Strict):
-    """A whole qtemperate run: teacher, student, data, stages, distillation, tracking."""
+    """A whole qtemperate run: teacher, student, data, stages, distillation, tracking.
+
+    ``hardware`` (seed §4.3) selects the temperature mode of every stage for a
+    deployment target: ``edge`` a constant mid T, ``cloud`` the full dynamic schedule,
+    ``mobile`` a per-epoch lookup table written beside the exported model (see
+    :mod:`qtemperate.schedule_switches`); empty runs the stage blocks as written.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     seed: Int = 0
     output_dir: Path = Path("runs")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    hardware: Literal["edge", "cloud", "mobile"] | None = None
     data: DataConfig
     teacher: TeacherConfig
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -558,6 +566,19 @@ class Recipe(_Strict):
         import paths of user models resolve from it (see
         :func:`qtemperate.training.architecture.model_search_path`)."""
         return self._source_dir
+
+    @model_validator(mode="after")
+    def _switches(self) -> Recipe:
+        from qtemperate.schedule_switches import SwitchError, check_switches  # imports this module
+
+        try:
+            check_switches(self)
+        except SwitchError as exc:  # reported at the field it names
+            raise ValidationError.from_exception_data(
+                "Recipe",
+                [{"type": PydanticCustomError("switch", exc.message), "loc": exc.loc, "input": self.hardware}],
+            ) from None
+        return self
 
     @property
     def final_stage(self) -> StageConfig:

@@ -63,9 +63,17 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    create_model,
+    model_validator,
+)
 
 from qtemperate._validation import finite_number, positive_number
 from qtemperate.registry import Registry
@@ -74,7 +82,9 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "AUTO_TEMPERATURE",
     "TEMPERATURE_SCHEDULES",
+    "BaseTemperature",
     "ConstantTemperature",
     "GradientNormTemperature",
     "LookupTableTemperature",
@@ -95,6 +105,29 @@ _PHASES = ("warmup", "adaptive", "convergence")
 # Counts must be real integers in a recipe: YAML's `yes` or "5" silently becoming 1 or 5
 # would hide a typo.
 _Int = Annotated[int, Strict()]
+
+AUTO_TEMPERATURE = "auto"
+"""The ``base_temperature`` value that asks for :func:`suggest_initial_temperature` (§4.1)."""
+
+
+
+def _base_temperature(value: Any) -> Any:
+    """``None``, ``"auto"`` or a finite number > 0 (one message for every other input)."""
+    if value is None or value == AUTO_TEMPERATURE:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a number > 0 or 'auto', got {value!r}")
+    return float(value)
+
+
+BaseTemperature = Annotated[float | Literal["auto"] | None, BeforeValidator(_base_temperature)]
+"""A stage's ``base_temperature`` setting: a number, empty, or ``"auto"``.
+
+``"auto"`` is the seed's §4.1 rule (:func:`suggest_initial_temperature`) from the
+dataset's classes and class counts and the teacher/student parameter counts; a run
+resolves it once the student is derived (:func:`qtemperate.schedule_switches.resolve_switches`).
+A schedule is never built from ``"auto"`` itself (:meth:`StageContext.start` refuses it).
+"""
 
 
 def _integer(value: Any, name: str) -> int:
@@ -167,6 +200,12 @@ class StageContext:
         """
         if base_temperature is None:
             return self.start_temperature
+        if base_temperature == AUTO_TEMPERATURE:
+            raise ValueError(
+                "base_temperature 'auto' is not resolved: a run resolves it from the data and "
+                "the model sizes (qtemperate.schedule_switches.resolve_switches); resolve it "
+                "before building the schedule"
+            )
         t = positive_number(base_temperature, "base_temperature")
         return _clamp(t, self.min_temperature, self.max_temperature)
 
@@ -204,6 +243,9 @@ class TemperatureSchedule(ABC):
     fractional_epochs: ClassVar[bool] = False
     """Whether :meth:`step` takes a real epoch (``3.25``: a quarter into epoch 3) and moves T
     within an epoch. The joint scheduler hands other schedules whole epochs only."""
+    uses_val_loss: ClassVar[bool] = True
+    """Whether :meth:`step` reacts to ``val_loss`` (so the loss it is given drives training
+    decisions). True unless a schedule says otherwise: a user's schedule may read it."""
 
     Settings: ClassVar[type[ScheduleSettings] | None] = None
     """The recipe block of this schedule (``None``: derived from :meth:`for_stage`)."""
@@ -342,15 +384,18 @@ class ConstantTemperature(TemperatureSchedule):
         ValueError: if ``temperature`` is not a finite positive number.
     """
 
+    uses_val_loss: ClassVar[bool] = False
+
     class Settings(ScheduleSettings):
         """Recipe block of a ``constant`` stage.
 
         Attributes:
             base_temperature: The fixed T; empty means the stage's coupled starting
-                temperature (:attr:`StageContext.start_temperature`).
+                temperature (:attr:`StageContext.start_temperature`); ``auto`` the
+                §4.1 rule (:data:`BaseTemperature`).
         """
 
-        base_temperature: float | None = Field(default=None, gt=0)
+        base_temperature: BaseTemperature = None
 
     fractional_epochs: ClassVar[bool] = True
 
@@ -455,12 +500,13 @@ class TemperateSchedule(TemperatureSchedule):
 
         Attributes:
             base_temperature: Warm-up temperature; empty means the stage's coupled
-                starting temperature. Clamped to ``[min_temperature, max_temperature]``.
+                starting temperature; ``auto`` the §4.1 rule (:data:`BaseTemperature`).
+                Clamped to ``[min_temperature, max_temperature]``.
             alpha, beta, warmup, adapt_until, patience, plateau_tol: as in the class.
             min_temperature, max_temperature: This stage's bounds.
         """
 
-        base_temperature: float | None = Field(default=None, gt=0)
+        base_temperature: BaseTemperature = None
         alpha: float = Field(default=0.9, gt=0)
         beta: float = Field(default=0.1, ge=0)
         warmup: float = Field(default=0.3, ge=0, le=1)
@@ -743,6 +789,7 @@ class GradientNormTemperature(TemperatureSchedule):
     """
 
     uses_grad_norm: ClassVar[bool] = True
+    uses_val_loss: ClassVar[bool] = False
 
     class Settings(ScheduleSettings):
         """Recipe block of a ``gradient_norm`` stage.
@@ -753,12 +800,12 @@ class GradientNormTemperature(TemperatureSchedule):
                 before the first update (empty: the stage's coupled starting
                 temperature, or ``base_temperature``).
             base_temperature: Another name for an explicit ``max_temperature`` (T
-                starts at ``max_T``); give one of the two.
+                starts at ``max_T``); give one of the two. ``auto``: the §4.1 rule.
         """
 
         min_temperature: float | None = Field(default=None, gt=0)
         max_temperature: float | None = Field(default=None, gt=0)
-        base_temperature: float | None = Field(default=None, gt=0)
+        base_temperature: BaseTemperature = None
 
         @model_validator(mode="after")
         def _consistent(self) -> Self:
@@ -899,6 +946,8 @@ class LookupTableTemperature(TemperatureSchedule):
     Raises:
         ValueError: for an empty table or a non-positive entry.
     """
+
+    uses_val_loss: ClassVar[bool] = False
 
     class Settings(ScheduleSettings):
         """Recipe block of a ``lookup_table`` stage.

@@ -54,11 +54,13 @@ from qtemperate.errors import CheckpointError, DataFormatError, QtemperateWarnin
 from qtemperate.heads import Task
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
-from qtemperate.preflight import check_bundle
+from qtemperate.preflight import ProtocolWarning, check_bundle, check_validation_split
 from qtemperate.recipe import Recipe, RecipeError
 from qtemperate.run_dir import check_resume_compatible, claim_run_dir, metrics_size
+from qtemperate.schedule_switches import ModelFacts, resolve_switches, write_temperature_table
 from qtemperate.size import SizeReport, model_size
 from qtemperate.tracking import MetricLogger, MultiLogger, build_loggers
+from qtemperate.tracking.tradeoff import log_run_results, run_facts, run_tags
 from qtemperate.training import distributed
 from qtemperate.training.checkpointing import (
     CHECKPOINT,
@@ -190,8 +192,8 @@ class Trainer:
             mode = self.tracking_mode or r.tracking.mode
             logger = MultiLogger([]) if not main else self._logger or build_loggers(
                 list(r.tracking.loggers), self.run_dir, project=r.tracking.project, group=r.group,
-                name=self.run_dir.name, mode=mode, tags=list(r.tracking.tags),
-                config=r.model_dump(mode="json"), resume=self.resume,
+                name=self.run_dir.name, mode=mode, tags=run_tags(r),
+                config=r.model_dump(mode="json"), resume=self.resume, job_type="train",
             )
             try:
                 return self._pipeline(state, data, logger, t_start)
@@ -214,6 +216,8 @@ class Trainer:
             raise DataFormatError(f"data: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
         for message in check_bundle(r, bundle):
             warnings.warn(message, QtemperateWarning, stacklevel=2)
+        for line in check_validation_split(r, len(bundle.val or ()), len(bundle.train)):  # type: ignore[arg-type]
+            warnings.warn(line, ProtocolWarning, stacklevel=2)
         try:
             loaders = build_run_loaders(bundle, d.batch_size, d.eval_batch_size, d.num_workers, r.seed,
                                         distributed.rank(), distributed.world_size(),
@@ -247,6 +251,13 @@ class Trainer:
         # draws what an uninterrupted run draws there.
         seed_all(phase_seed(r.seed, "student"))
         arch, plan = self._student_arch(state, teacher, bundle, loaders, example, t_size)
+        # The switches that need it (base_temperature: auto, hardware), resolved into plain stages.
+        switches = resolve_switches(r, ModelFacts(bundle.num_classes, int(t_size.params),
+                                                  int(model_size(arch).params), tuple(bundle.class_counts)),
+                                    say if main else lambda _msg: None)
+        if main:
+            write_temperature_table(switches, self.run_dir)
+        logger.log_config({"resolved_switches": switches.config()})
         if ckpt is None:
             seed_all(phase_seed(r.seed, "stages"))
 
@@ -255,7 +266,7 @@ class Trainer:
         self.teacher_logits_cached = cache
         say(f"teacher logits cached: {'yes' if cache else 'no'} ({why})")
         if ckpt is None:  # logged before the first checkpoint: a resumed run has it already
-            logger.log({"teacher_logits_cached": int(cache)}, self.step_offset)
+            logger.log({"teacher/logits_cached": int(cache)}, self.step_offset)  # summary: teacher_logits_cached
         t_policy = policy_for(r.precision.teacher, device)
         say(f"precision: teacher {t_policy.name}, float stage {policy_for(r.precision.float_stage, device).name}, "
             f"QAT {policy_for(r.precision.qat, device, quantized=True).name} (evaluation fp32)")
@@ -263,8 +274,8 @@ class Trainer:
             teacher, cache_teacher_logits(teacher, loaders, device, t_policy) if cache else None, t_policy)
 
         # 4. The stages, epoch by epoch.
-        sched = JointScheduler.from_recipe(r)
-        loss_fn = TemperateLoss.from_recipe(r)
+        sched = JointScheduler.from_recipe(switches.recipe)
+        loss_fn = TemperateLoss.from_recipe(switches.recipe)
         prog = Progress()
         student: nn.Module = copy.deepcopy(arch).to(device)
         quantized_now = False
@@ -351,14 +362,13 @@ class Trainer:
         s_size = model_size(student, example)
         export = self._export(student, teacher, bundle) if main else {}
         prog.elapsed_s += time.perf_counter() - t_start
-        summary = self._summary(teacher_acc, student_acc, t_size, s_size, plan, prog, export)
+        summary = {**self._summary(teacher_acc, student_acc, t_size, s_size, plan, prog, export),
+                   **run_facts(r, bundle, teacher), **switches.summary()}
         if main:
             write_json_atomic(self.run_dir / SUMMARY, summary)
+            # Flat W&B summary, stages and tradeoff tables, student.pt and *.onnx artifacts, schedule figure.
+            log_run_results(logger, self.run_dir, r, summary, prog.history, switches.recipe)
         summary = distributed.broadcast_object(summary)
-        logger.log_summary(summary)
-        cols = ["name", "weight_bits", "act_bits", "epochs", "final_T", "accuracy", "bytes"]
-        logger.log_table("stages", cols, [[s[c] for c in cols] for s in prog.stages])
-        logger.log_artifact(self.run_dir / "student.pt", name=f"{r.name}-student", type="model")
         return summary
 
     # -- named steps ------------------------------------------------------------------

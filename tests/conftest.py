@@ -31,3 +31,32 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
     return x[:1200], y[:1200], x[1200:], y[1200:]
+
+
+@pytest.fixture(scope="session")
+def offline_sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real 4-point sweep through the CLI: tiny runs, W&B offline, ONNX exported and timed.
+
+    Returns ``{"recipe": path, "folder": sweep folder, "rc": exit code, "out": stdout}``.
+    """
+    import contextlib
+    import io
+
+    import yaml
+
+    from qtemperate.cli import main
+    from tests.pipeline_helpers import SHORT_TEACHER, tiny_recipe
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    raw = tiny_recipe(
+        tmp, teacher=SHORT_TEACHER, tracking={"loggers": ["jsonl", "wandb"], "mode": "offline"},
+        export={"onnx": True, "verify_samples": 64, "batch_sizes": [1], "benchmark_iters": 2},
+    )
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    argv = ["sweep", str(path), "--grid", "student.target_size_ratio=0.125,0.25",
+            "--grid", "distillation.kd_weight=0.5,0.9", "--name", "grid4", "--no-progress"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(argv)
+    return {"recipe": path, "folder": tmp / "runs" / "grid4", "rc": rc, "out": out.getvalue(), "argv": argv}

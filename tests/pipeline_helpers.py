@@ -26,6 +26,10 @@ TINY: dict[str, Any] = {
 }
 
 
+SHORT_TEACHER: dict[str, Any] = {"model": "small_cnn", "kwargs": {"width": 8}, "train": {"epochs": 1, "lr": 0.05}}
+"""A teacher trained for one epoch: seconds, for tests that need a run but not a good teacher."""
+
+
 def tiny_recipe(tmp_path: Path, **sections: Any) -> dict[str, Any]:
     """A fresh copy of :data:`TINY` writing into ``tmp_path`` with sections replaced."""
     raw = copy.deepcopy(TINY)

@@ -196,6 +196,8 @@ def test_run_a_multi_output_detector_with_per_head_temperatures(tmp_path: Path) 
     with torch.no_grad():
         acc = float((student(x)["logits"].argmax(1) == y).float().mean())
     assert summary["student_acc"] == pytest.approx(acc)
+
+
 def test_a_bug_exits_1_with_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     import qtemperate.planner as planner
@@ -225,3 +227,67 @@ def test_unreachable_target_in_plan_is_bad_input(tmp_path: Path, capsys: pytest.
     raw = tiny_recipe(tmp_path, student={"target_size_ratio": 0.002, "max_layer_ratio": 0.5})
     assert main(["plan", str(_write(tmp_path, raw))]) == 2
     assert _one_error_line(capsys).startswith("qtemperate: error: student.target_size_ratio=0.002 not reachable")
+
+
+def test_plan_plot_draws_the_schedule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, tiny_recipe(tmp_path))
+    png = tmp_path / "schedule.png"
+    assert main(["plan", str(path), "--plot", str(png), "--json",
+                 "--set", "stages.1.temperature.base_temperature=auto", "hardware=mobile"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [row["epoch"] for row in out["schedule"]] == [0, 1, 2]
+    assert [(row["weight_bits"], row["act_bits"]) for row in out["schedule"]] == [(8, 8), (4, 4), (4, 4)]
+    assert out["switches"][0].startswith("base_temperature auto -> T = ")
+    assert "class counts not read (dry run)" in out["switches"][0]
+    assert out["schedule"][-1]["T"] == 1.0 and out["reference_temperatures"] == [6.0, 3.0, 1.0]
+
+
+def test_validate_accepts_auto_and_warns_when_the_test_split_drives_t(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, tiny_recipe(tmp_path))
+    assert main(["validate", str(path), "--set", "stages.0.temperature.base_temperature=auto"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["validate", str(path), "--set", "data.val_fraction=0"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qtemperate: warning: ") and "follow the TEST loss" in err[0]
+    assert main(["validate", str(path), "--set", "hardware=phone"]) == 2
+    assert "hardware" in _one_error_line(capsys)
+
+
+def test_compare_bad_sources_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "notes").mkdir()
+    assert main(["compare", str(tmp_path / "notes"), "--no-plot"]) == 2
+    assert "summary.json" in _one_error_line(capsys)
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    assert main(["compare", "wandb:team/proj/group", "--no-plot"]) == 2
+    line = _one_error_line(capsys)
+    assert "needs credentials" in line and "offline, pass the runs' folders" in line
+
+
+def test_compare_logs_to_wandb_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dirs = []
+    for i, (ratio, acc) in enumerate([(0.1, 0.9), (0.05, 0.85)]):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({
+            "teacher_acc": 0.92, "student_acc": acc, "acc_drop": 0.92 - acc, "compression_ratio": ratio,
+            "student_bytes": ratio * 1e6}))
+        dirs.append(str(d))
+    assert main(["compare", *dirs, "--out", str(tmp_path / "p.png"), "--log-to-wandb", "--offline",
+                 "--group", "g"]) == 0
+    out = capsys.readouterr().out
+    assert "comparison logged to W&B:" in out and ".wandb" in out
+    from qtemperate.tracking.wandb_reader import read_wandb_runs
+
+    (run,) = read_wandb_runs(tmp_path / "wandb")
+    assert (run.group, run.job_type, run.summary["runs"]) == ("g", "compare", 2)
+
+
+def test_run_set_takes_several_overrides(tmp_path: Path) -> None:
+    from qtemperate.cli import build_parser
+
+    args = build_parser().parse_args(["run", "r.yaml", "--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.recipe == "r.yaml" and args.set == ["a=1", "b=2", "c=3"]

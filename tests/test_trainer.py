@@ -96,9 +96,45 @@ def test_offline_wandb_run_reads_back(full_run: tuple[Path, dict]) -> None:
     assert data["config"]["name"] == "tiny"
     assert data["group"] == "tiny"  # runs of one recipe family share a W&B group
     assert any(a["type"] == "model" for a in data["artifacts"])
-    table = data["tables"]["stages"]
+    table = data["tables"]["stages_table"]  # its own key: summary.json's `stages` list is not replaced
     assert [row[1] for row in table["data"]] == [8, 4]  # weight_bits column, stage order
     assert any("train/T" in row for row in data["history"])
+    assert {"recipe:tiny", "dataset:digits"} <= set(data["tags"])
+
+
+def test_wandb_summary_is_flat_and_never_clobbered(full_run: tuple[Path, dict]) -> None:
+    from qtemperate.tracking.keys import flat_summary
+    from qtemperate.tracking.tradeoff import TRADEOFF_COLUMNS
+    from tests.wandb_reader import read_offline_run
+
+    run_dir, s = full_run
+    data = read_offline_run(run_dir)
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    flat = flat_summary(on_disk)
+    assert {k: data["summary"].get(k) for k in flat} == flat  # every value, unchanged
+    assert flat["stage/w4a4/accuracy"] == s["stages"][1]["accuracy"] and "onnx_latency_ms/1" in flat
+    assert not any(isinstance(v, (dict, list)) for k, v in data["summary"].items()
+                   if k in flat)  # flat: no nested summary values
+    row = dict(zip(TRADEOFF_COLUMNS, data["tables"]["tradeoff"]["data"][0]))
+    assert row["teacher_acc"] == s["teacher_acc"] and row["student_bytes"] == s["student_bytes"]
+    assert row["dataset"] == "digits" and row["target_cpu"] == s["target_cpu"] and row["act_bits"] == 4
+    assert data["summary"]["schedule"]["_type"] == "image-file" and (run_dir / "schedule.png").is_file()
+    onnx = sorted(a["name"] for a in data["artifacts"] if a["name"].endswith("-onnx"))
+    assert onnx == ["tiny-student-onnx", "tiny-student_int8-onnx", "tiny-teacher-onnx"]
+
+
+def test_the_validation_split_drives_the_schedule(full_run: tuple[Path, dict]) -> None:
+    """Default protocol: a class-balanced validation split; T reads its loss, accuracy is the test's."""
+    run_dir, s = full_run
+    assert (s["val_samples"], s["test_samples"]) == (143, 359)  # 10 % of each class held out
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    starts = [r["stage/start_val_loss"] for r in rows if "stage/start_val_loss" in r]
+    epochs = [r for r in rows if "test/acc" in r]
+    assert all(r["val/loss"] != r["test/loss"] for r in epochs)
+    # Both stages start adaptive: T = max(1, 0.9 * T0 - 0.1 * v) with v the stage's starting
+    # validation loss; T0 = 6 + halvings (8 bits: 2, 4 bits: 3).
+    assert epochs[0]["T"] == pytest.approx(max(1.0, 0.9 * 8 - 0.1 * starts[0]))
+    assert epochs[1]["T"] == pytest.approx(max(1.0, 0.9 * 9 - 0.1 * starts[1]))
 
 
 def test_export_verb_reexports_and_verifies(full_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:

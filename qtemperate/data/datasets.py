@@ -361,7 +361,9 @@ def build_datasets(
     Order of operations: load, take ``limit_train``/``limit_test`` as a deterministic
     class-balanced first-N slice (:func:`stratified_first_n`), hold out a seeded
     stratified ``val_fraction`` of the (limited) training set, normalise with the
-    dataset's fixed mean/std, then wrap the training set for augmentation.
+    dataset's fixed mean/std, then wrap the training set for augmentation. The
+    validation split is never augmented (for a builder that augments its own
+    training split, it is taken from a plain build of the same split).
 
     Args:
         name: Registry key (``fashion_mnist``, ``digits``, ``cifar10``, ``cifar100``,
@@ -405,7 +407,14 @@ def build_datasets(
     val: Dataset | None = None
     if val_fraction > 0.0:
         keep, hold = stratified_holdout(dataset_targets(train), val_fraction, splits.num_classes, seed)
-        train, val = subset(train, keep), subset(train, hold)
+        source = train
+        if spec.builder_augments and augment:
+            # The builder augments its own train split: validate on a plain view of it.
+            plain = spec.build(root, seed, **{**kwargs, "augment": False}).train
+            if limit_train is not None:
+                plain = subset(plain, stratified_first_n(dataset_targets(plain), limit_train, splits.num_classes))
+            source = plain
+        train, val = subset(train, keep), subset(source, hold)
         val = normalize(val, splits.mean, splits.std, splits.scale)
     train = normalize(train, splits.mean, splits.std, splits.scale)
     test = normalize(test, splits.mean, splits.std, splits.scale)

@@ -55,7 +55,10 @@ def export_and_check(
     Returns:
         ``onnx_path``, ``onnx_bytes``, ``onnx_top1_agreement``, ``onnx_max_abs_diff``,
         ``onnx_latency_ms`` and ``int8_onnx_latency_ms`` (``{batch: ms}`` or ``None``),
-        and ``teacher_onnx_latency_ms`` when a teacher was given and timed.
+        and ``teacher_onnx_latency_ms`` when a teacher was given and timed; each
+        extra file's own agreement with its PyTorch model (``int8_onnx_top1_agreement``,
+        ``int8_onnx_max_abs_diff``, ``teacher_onnx_top1_agreement``,
+        ``teacher_onnx_max_abs_diff``) when it was exported.
     """
     out_dir = Path(out_dir)
     device, was_training = next(student.parameters()).device, student.training
@@ -81,6 +84,9 @@ def export_and_check(
                 twin = copy.deepcopy(student_cpu)
                 set_bit_width(twin, 8, 8)
                 twin_path = export_onnx(twin, out_dir / "student_int8.onnx", example)
+                twin_rep = verify_onnx(twin_path, twin, inputs.cpu())  # its own agreement, not the student's
+                out["int8_onnx_top1_agreement"] = twin_rep.top1_agreement
+                out["int8_onnx_max_abs_diff"] = twin_rep.max_abs_diff
                 out["int8_onnx_latency_ms"] = _latency(twin_path, batch_sizes, iters)
             else:
                 out["int8_onnx_latency_ms"] = out["onnx_latency_ms"]
@@ -88,6 +94,9 @@ def export_and_check(
             t_device = next(teacher.parameters()).device
             try:
                 tpath = export_onnx(teacher.to("cpu").eval(), out_dir / "teacher.onnx", example)
+                teacher_rep = verify_onnx(tpath, teacher, inputs.cpu())
+                out["teacher_onnx_top1_agreement"] = teacher_rep.top1_agreement
+                out["teacher_onnx_max_abs_diff"] = teacher_rep.max_abs_diff
                 out["teacher_onnx_latency_ms"] = _latency(tpath, batch_sizes, iters)
             finally:
                 teacher.to(t_device)

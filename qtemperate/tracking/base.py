@@ -9,6 +9,7 @@ run at once, as the next checkpoint write would.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import warnings
@@ -56,8 +57,14 @@ class MetricLogger(ABC):
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:  # noqa: B027
         """Record a small table (e.g. per-stage results)."""
 
-    def log_artifact(self, path: str | os.PathLike[str], name: str, type: str) -> None:  # noqa: B027
-        """Record a file or folder (checkpoint, ONNX model) as an artifact."""
+    def log_artifact(  # noqa: B027 - optional hook
+        self, path: str | os.PathLike[str], name: str, type: str, metadata: Mapping[str, Any] | None = None
+    ) -> None:
+        """Record a file or folder (checkpoint, ONNX model) as an artifact, with ``metadata``
+        (measured bytes, latency, agreement ...) when given."""
+
+    def log_image(self, name: str, path: str | os.PathLike[str]) -> None:  # noqa: B027
+        """Record an image file (a figure) under ``name``."""
 
     def finish(self) -> None:  # noqa: B027 - optional hook
         """Flush and close; further calls are ignored."""
@@ -100,18 +107,21 @@ class MultiLogger(MetricLogger):
         for logger in list(self.loggers):
             if logger in self.failed:
                 continue
-            try:
-                getattr(logger, method)(*args)
-            except EnvironmentProblem:
-                raise
-            except Exception as exc:
-                self.failed.append(logger)
-                warnings.warn(
-                    f"{type(logger).__name__}.{method} failed ({type(exc).__name__}: {exc}); "
-                    "that logger is disabled for the rest of the run",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            self._call_one(logger, method, *args)
+
+    def _call_one(self, logger: MetricLogger, method: str, *args: Any) -> None:
+        try:
+            getattr(logger, method)(*args)
+        except EnvironmentProblem:
+            raise
+        except Exception as exc:
+            self.failed.append(logger)
+            warnings.warn(
+                f"{type(logger).__name__}.{method} failed ({type(exc).__name__}: {exc}); "
+                "that logger is disabled for the rest of the run",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def get(self, cls: type[MetricLogger]) -> MetricLogger | None:
         """The first logger of type ``cls`` (e.g. ``WandbLogger``), or ``None``."""
@@ -129,8 +139,18 @@ class MultiLogger(MetricLogger):
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         self._call("log_table", name, columns, rows)
 
-    def log_artifact(self, path: str | os.PathLike[str], name: str, type: str) -> None:
-        self._call("log_artifact", path, name, type)
+    def log_artifact(
+        self, path: str | os.PathLike[str], name: str, type: str, metadata: Mapping[str, Any] | None = None
+    ) -> None:
+        for logger in list(self.loggers):
+            if logger in self.failed:
+                continue
+            # A logger written before artifacts had metadata takes (path, name, type) only.
+            takes_metadata = "metadata" in inspect.signature(logger.log_artifact).parameters
+            self._call_one(logger, "log_artifact", path, name, type, *([metadata] if takes_metadata else []))
+
+    def log_image(self, name: str, path: str | os.PathLike[str]) -> None:
+        self._call("log_image", name, path)
 
     def finish(self) -> None:
         """Finish every logger, including ones that failed earlier (errors only warn)."""

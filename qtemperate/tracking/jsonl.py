@@ -29,7 +29,8 @@ class JsonlLogger(MetricLogger):
     * ``config.json``: the last logged config.
     * ``summary.json``: all summaries merged.
     * ``tables/<name>.json``: ``{"columns": [...], "rows": [[...], ...]}``.
-    * ``artifacts.jsonl``: one ``{"name", "type", "path"}`` object per artifact.
+    * ``artifacts.jsonl``: one ``{"name", "type", "path"}`` object per artifact (with
+      ``"metadata"`` when given) and per image (``"type": "image"``).
 
     Args:
         run_dir: Folder to write into (created).
@@ -86,12 +87,23 @@ class JsonlLogger(MetricLogger):
             {"columns": list(columns), "rows": [plain(list(r)) for r in rows]},
         )
 
-    def log_artifact(self, path: str | os.PathLike[str], name: str, type: str) -> None:
-        """Append ``{"name", "type", "path"}`` to ``artifacts.jsonl`` (no copy)."""
-        record = {"name": name, "type": type, "path": str(Path(path).resolve())}
+    def log_artifact(
+        self, path: str | os.PathLike[str], name: str, type: str, metadata: Mapping[str, Any] | None = None
+    ) -> None:
+        """Append ``{"name", "type", "path"[, "metadata"]}`` to ``artifacts.jsonl`` (no copy)."""
+        record: dict[str, Any] = {"name": name, "type": type, "path": str(Path(path).resolve())}
+        if metadata is not None:
+            record["metadata"] = plain(dict(metadata))
+        self._append_artifact(record)
+
+    def log_image(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Append ``{"name", "type": "image", "path"}`` to ``artifacts.jsonl``."""
+        self._append_artifact({"name": name, "type": "image", "path": str(Path(path).resolve())})
+
+    def _append_artifact(self, record: dict[str, Any]) -> None:
         target = self.run_dir / "artifacts.jsonl"
         with open(target, "a", encoding="utf-8") as fh:
-            append_text(fh, target, json.dumps(record) + "\n")
+            append_text(fh, target, json.dumps(record, default=str) + "\n")
 
     def finish(self) -> None:
         """Close ``metrics.jsonl``."""

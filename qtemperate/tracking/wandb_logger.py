@@ -24,6 +24,7 @@ import re
 import secrets
 import string
 import threading
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -34,6 +35,7 @@ from typing import Any
 from qtemperate.atomic import write_text_atomic
 from qtemperate.errors import QtemperateWarning
 from qtemperate.tracking.base import MetricLogger, Scalar, plain, safe_name
+from qtemperate.tracking.keys import flat_summary
 
 __all__ = [
     "ONLINE_CHECK_TIMEOUT_S",
@@ -194,6 +196,7 @@ class WandbLogger(MetricLogger):
         finish_timeout: Seconds ``finish`` waits for an online upload; what is left
             stays on disk for ``wandb sync`` (0 waits forever).
         settings: Extra ``wandb.Settings`` fields, overriding the defaults above.
+        job_type: W&B job type (``train`` for a run, ``compare`` for a comparison).
     """
 
     def __init__(
@@ -212,6 +215,7 @@ class WandbLogger(MetricLogger):
         init_timeout: float = 30.0,
         finish_timeout: float = 300.0,
         settings: Mapping[str, Any] | None = None,
+        job_type: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.mode = resolve_wandb_mode(mode)
@@ -220,6 +224,9 @@ class WandbLogger(MetricLogger):
         self._step = 0
         self._finished = False
         self.fallback_reason: str | None = None
+        self._finish_timeout = float(finish_timeout)
+        self._history_keys: set[str] = set()
+        self._summary_keys: set[str] = set()
         if self.mode == "disabled":
             self.disabled = True
             return
@@ -264,6 +271,7 @@ class WandbLogger(MetricLogger):
                     config=plain(dict(config)) if config else None,
                     id=run_id,
                     resume=resume,
+                    job_type=job_type,
                     settings=wandb.Settings(**opts),
                 )
 
@@ -339,6 +347,7 @@ class WandbLogger(MetricLogger):
         try:
             self.run.log({str(k): plain(v) for k, v in metrics.items()}, step=int(step))
             self._step = max(self._step, int(step))
+            self._history_keys.update(str(k) for k in metrics)
         except Exception as exc:
             self._fail("run.log", exc)
 
@@ -352,11 +361,27 @@ class WandbLogger(MetricLogger):
             self._fail("run.config.update", exc)
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
-        """``run.summary.update(summary)``."""
+        """``run.summary.update`` with every value under a flat key
+        (:func:`~qtemperate.tracking.keys.flat_summary`: ``stage/<name>/accuracy``,
+        ``onnx_latency_ms/1`` ...), so W&B panels can chart each one and no table or
+        history key replaces it.
+
+        A key that was also logged as history is warned about: W&B keeps whichever
+        of the two it writes last.
+        """
         if not self.active:
             return
         try:
-            self.run.summary.update(plain(dict(summary)))
+            flat = flat_summary(plain(dict(summary)))
+            clash = sorted(set(flat) & self._history_keys)
+            if clash:
+                warnings.warn(
+                    f"W&B summary keys also logged as history (the later write wins): {', '.join(clash)}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self.run.summary.update(flat)
+            self._summary_keys.update(flat)
         except Exception as exc:
             self._fail("run.summary.update", exc)
 
@@ -364,16 +389,56 @@ class WandbLogger(MetricLogger):
         """Log a ``wandb.Table`` under ``name`` at the latest step."""
         if not self.active:
             return
+        self._check_key(name, "table")
         try:
             import wandb
 
             table = wandb.Table(columns=list(columns), data=[plain(list(r)) for r in rows])
             self.run.log({name: table}, step=self._step)
+            self._history_keys.add(name)
         except Exception as exc:
             self._fail("logging table " + repr(name), exc)
 
-    def log_artifact(self, path: str | os.PathLike[str], name: str, type: str) -> None:
-        """Log a file or folder as a ``wandb.Artifact`` (name sanitised for W&B).
+    def log_image(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Log an image file as a ``wandb.Image`` under ``name`` at the latest step."""
+        if not self.active:
+            return
+        self._check_key(name, "image")
+        try:
+            import wandb
+
+            self.run.log({name: wandb.Image(str(path))}, step=self._step)
+            self._history_keys.add(name)
+        except Exception as exc:
+            self._fail("logging image " + repr(name), exc)
+
+    def log_scatter(
+        self, name: str, columns: list[str], rows: list[list[Any]], x: str, y: str, title: str = ""
+    ) -> None:
+        """Log a table and a W&B scatter chart of its columns ``x`` and ``y`` (a report panel)."""
+        if not self.active:
+            return
+        self._check_key(name, "chart")
+        try:
+            import wandb
+
+            table = wandb.Table(columns=list(columns), data=[plain(list(r)) for r in rows])
+            self.run.log({name: wandb.plot.scatter(table, x, y, title=title)}, step=self._step)
+            self._history_keys.add(name)
+        except Exception as exc:
+            self._fail("logging chart " + repr(name), exc)
+
+    def _check_key(self, name: str, what: str) -> None:
+        if name in self._summary_keys:
+            warnings.warn(
+                f"W&B {what} {name!r} replaces the summary value of the same key", RuntimeWarning, stacklevel=3
+            )
+
+    def log_artifact(
+        self, path: str | os.PathLike[str], name: str, type: str, metadata: Mapping[str, Any] | None = None
+    ) -> None:
+        """Log a file or folder as a ``wandb.Artifact`` (name sanitised for W&B) with
+        ``metadata``. Logging the same name again makes a new version of it.
 
         A missing path only warns; it does not disable the logger.
         """
@@ -386,7 +451,8 @@ class WandbLogger(MetricLogger):
         try:
             import wandb
 
-            artifact = wandb.Artifact(safe_name(name), type=type)
+            meta = plain(dict(metadata)) if metadata else None
+            artifact = wandb.Artifact(safe_name(name), type=type, metadata=meta)
             if p.is_dir():
                 artifact.add_dir(str(p))
             else:
@@ -396,7 +462,13 @@ class WandbLogger(MetricLogger):
             self._fail("logging artifact " + repr(name), exc)
 
     def finish(self, exit_code: int | None = None) -> None:
-        """``run.finish()``; idempotent."""
+        """``run.finish()``; idempotent.
+
+        Offline, it returns once the run's ``.wandb`` file holds the run's exit record
+        (wandb's service may still be writing it when ``run.finish`` returns), so the
+        file can be read, compared or synced right away; it waits at most
+        ``min(finish_timeout, 60)`` seconds and then warns.
+        """
         if self.run is None or self._finished:
             return
         self._finished = True
@@ -404,4 +476,31 @@ class WandbLogger(MetricLogger):
             self.run.finish(exit_code=exit_code)
         except Exception as exc:
             self._fail("run.finish", exc)
+            return
+        if self.mode == "offline":
+            self._wait_for_log()
+
+    def _wait_for_log(self) -> None:
+        from qtemperate.tracking.wandb_reader import WandbReadError, read_wandb_run
+
+        path = self.run_file
+        if path is None:
+            return
+        limit = self._finish_timeout if self._finish_timeout > 0 else 60.0
+        deadline, delay, last_size = time.monotonic() + min(limit, 60.0), 0.02, -1
+        while True:
+            size = path.stat().st_size if path.is_file() else -1
+            if size != last_size and size > 0:
+                last_size = size
+                try:
+                    if read_wandb_run(path).exit_code is not None:
+                        return
+                except WandbReadError:
+                    pass  # no run record yet
+            if time.monotonic() > deadline:
+                warnings.warn(f"W&B run file {path} is still incomplete after run.finish()",
+                              RuntimeWarning, stacklevel=3)
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 

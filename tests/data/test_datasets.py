@@ -396,3 +396,24 @@ def test_import_loads_neither_torchvision_nor_sklearn() -> None:
     code = "import sys, qtemperate.data; print(','.join(m for m in ('torchvision', 'sklearn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _build_self_augmenting(root: Any, seed: int, augment: bool = False) -> D.RawSplits:
+    """A lazy-style builder that augments its own train split: augmented images are +100."""
+    y = torch.arange(40) % 4
+    x = torch.zeros(40, 1, 4, 4) + (100.0 if augment else 0.0)
+    test = TensorDataset(torch.zeros(8, 1, 4, 4), torch.arange(8) % 4)
+    return D.RawSplits(TensorDataset(x, y), test, 4, 1, (4, 4), (0.0,), (1.0,), scale=None)
+
+
+def test_validation_split_is_never_augmented() -> None:
+    D.DATASETS.register("test_selfaug", D.DatasetSpec(build=_build_self_augmenting, builder_augments=True,
+                                                      info=lambda: D.DatasetInfo(4, 1, (4, 4))))
+    try:
+        b = D.build_datasets("test_selfaug", val_fraction=0.25, augment=True, seed=1)
+        assert len(b.val) == 8 and len(b.train) == 32  # 2 of each class's 10 held out
+        assert float(b.val.tensors[0].abs().max()) == 0.0  # plain images
+        assert float(b.train.tensors[0].min()) == 100.0  # the training split stays augmented
+        assert sorted(b.val.tensors[1].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    finally:
+        D.DATASETS.unregister("test_selfaug")

@@ -274,3 +274,27 @@ def test_wandb_resume_continues_the_same_run(wandb_env: Path) -> None:
     fresh = T.WandbLogger("p", run_dir, settings={"x_disable_stats": True})  # no resume: a new run
     assert fresh.run_id != first.run_id
     fresh.finish()
+
+
+def test_artifact_metadata_and_images_in_jsonl_and_old_loggers(tmp_path: Path) -> None:
+    class OldLogger(T.MetricLogger):  # written before artifacts had metadata
+        def __init__(self) -> None:
+            self.got: list[tuple[Any, ...]] = []
+
+        def log(self, metrics: Any, step: int) -> None:
+            pass
+
+        def log_artifact(self, path: Any, name: str, type: str) -> None:
+            self.got.append((name, type))
+
+    old, jl = OldLogger(), T.JsonlLogger(tmp_path)
+    multi = T.MultiLogger([old, jl])
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        multi.log_artifact(tmp_path / "m.onnx", "r-m-onnx", "model", metadata={"bytes": 1, "latency_ms": {"1": 0.5}})
+        multi.log_image("schedule", tmp_path / "s.png")
+    assert old.got == [("r-m-onnx", "model")] and old not in multi.failed
+    records = [json.loads(line) for line in (tmp_path / "artifacts.jsonl").read_text().splitlines()]
+    assert records[0]["metadata"] == {"bytes": 1, "latency_ms": {"1": 0.5}}
+    assert records[1] == {"name": "schedule", "type": "image", "path": str((tmp_path / "s.png").resolve())}
