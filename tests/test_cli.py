@@ -113,6 +113,10 @@ def test_plan_json_resnet50_meets_one_eighth(capsys: pytest.CaptureFixture[str])
     assert out["compression_ratio"] == pytest.approx(out["student_bytes"] / out["teacher_float_bytes"])
     assert [(s["weight_bits"], s["act_bits"]) for s in out["stages"]] == [(8, 8), (4, 4)]
     assert out["stages"][0]["bytes"] > out["stages"][1]["bytes"]
+    # the numbers the planner gave before it counted bytes from widths (one DepGraph)
+    from tests.test_planner import RESNET50_1OF8_BEFORE
+
+    assert {k: v for k, v in out.items() if k not in ("seconds", "wall_seconds")} == RESNET50_1OF8_BEFORE
 
 
 def test_compare_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ from brevitas.quant.scaled_int import (
     Uint8ActPerTensorFloat,
 )
 
-from qtemperate.quantization.fast import fast_act_quant_proxy, FastRescalingIntQuant
+from qtemperate.quantization.fast import FastRescalingIntQuant, fast_act_quant_proxy
 
 __all__ = [
     "Int8ActPerTensorFloatStatefulBitWidth",
