@@ -160,3 +160,33 @@ def test_run_prints_summary_and_never_overwrites_a_run(tmp_path: Path, capsys: p
     assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == before
     assert json.loads((first / "summary.json").read_text()) == summary
     assert "epochs: 1" in (second / "recipe.yaml").read_text()
+
+
+def _modules_after(argv: list[str]) -> dict:
+    """Run ``qtemperate <argv>`` in a fresh interpreter; which heavy packages did it import?"""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from qtemperate.cli import main\n"
+        f"rc = main({argv!r})\n"
+        "print(json.dumps({'rc': rc, **{m: m in sys.modules for m in ('brevitas', 'onnxruntime', 'wandb')}}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_verbs_that_need_no_brevitas_do_not_import_it(tmp_path: Path) -> None:
+    """validate, plan and compare start without Brevitas (it costs seconds of start-up)."""
+    recipe = str(ROOT / "recipes" / "fashion_mnist_quickstart.yaml")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({
+        "teacher_acc": 0.9, "student_acc": 0.88, "acc_drop": 0.02, "compression_ratio": 0.1,
+        "student_bytes": 1e5, "params": 1000}))
+    for argv in (["validate", recipe], ["plan", recipe, "--json"], ["compare", str(run), "--no-plot"]):
+        seen = _modules_after(argv)
+        assert seen == {"rc": 0, "brevitas": False, "onnxruntime": False, "wandb": False}, argv
