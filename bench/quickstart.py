@@ -58,18 +58,20 @@ RECIPE = ROOT / "recipes" / "fashion_mnist_quickstart.yaml"
 METHODS = ("temperate", "no_kd", "kd_fixed_t4")
 
 _PHASES: dict[str, float] = defaultdict(float)
+_CPU: dict[str, float] = defaultdict(float)
 
 
 def _timed(owner: Any, name: str, label: str) -> None:
-    """Wrap ``owner.name`` so its wall time is added to ``_PHASES[label]``."""
+    """Wrap ``owner.name`` so its wall (and process CPU) time is added to ``_PHASES[label]``."""
     fn = getattr(owner, name)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             _PHASES[label] += time.perf_counter() - t0
+            _CPU[label] += time.process_time() - c0
 
     setattr(owner, name, wrapper)
 
@@ -106,11 +108,13 @@ def run(raw: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], dict[str, f
         shutil.rmtree(run_dir)
     recipe = parse_recipe(raw, source=raw["name"])
     _PHASES.clear()
+    _CPU.clear()
     t0, c0 = time.perf_counter(), time.process_time()
     summary = trainer_mod.Trainer(recipe, run_dir=run_dir, progress=False).run()
     phases = dict(_PHASES)
     phases["total (in-process)"] = time.perf_counter() - t0
     phases["cpu time (all threads)"] = time.process_time() - c0
+    phases.update({f"cpu: {k}": v for k, v in _CPU.items()})
     return summary, phases
 
 

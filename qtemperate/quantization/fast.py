@@ -143,6 +143,16 @@ def _mask_bounds(lo: float, hi: float) -> tuple[float, float]:
     return a, b
 
 
+def _flat(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b`` as 1-D views in one element order (no copy for two tensors of one
+    dense layout, e.g. both ``channels_last``; a sum does not depend on the order)."""
+    dense = a.is_contiguous() or (a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last))
+    if dense and a.shape == b.shape and a.stride() == b.stride():
+        n = a.numel()
+        return a.as_strided((n,), (1,)), b.as_strided((n,), (1,))
+    return a.reshape(-1), b.reshape(-1)
+
+
 def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
     return t.sum_to_size(shape) if t.shape != shape else t
 
@@ -166,7 +176,7 @@ class _FakeQuant(torch.autograd.Function):
         grad_s = None
         if ctx.needs_input_grad[1]:
             if scale.numel() == 1:  # two dot products: no product tensor is materialised
-                dot = torch.dot(g.reshape(-1), q.reshape(-1)) - torch.dot(gm.reshape(-1), v.reshape(-1))
+                dot = torch.dot(*_flat(g, q)) - torch.dot(*_flat(gm, v))
                 grad_s = dot.reshape(scale.shape)
             else:
                 grad_s = _sum_to(g * q - gm * v, scale.shape)

@@ -29,6 +29,7 @@ from qtemperate.training.console import Console
 from qtemperate.training.evaluate import evaluate
 from qtemperate.training.guards import check_finite
 from qtemperate.training.lr_schedule import lr_at, set_lr
+from qtemperate.training.memory_format import channels_last, to_format, wants_channels_last
 from qtemperate.training.optimizer import build_optimizer
 from qtemperate.training.seed import seed_all
 
@@ -79,11 +80,14 @@ def train_teacher(
     total = epochs * len(loaders.train)
     step = 0
     model.train()
+    cl = wants_channels_last(loaders.example_input.to(device))  # NHWC: faster CPU convolutions
     for epoch in range(epochs):
         loaders.set_epoch(TEACHER_EPOCH_OFFSET + epoch)
         bar = console.bar(loaders.train, desc=f"teacher {epoch + 1}/{epochs}")
+        if cl:
+            model.to(memory_format=torch.channels_last)
         for x, y, _ in bar:
-            x, y = x.to(device), y.to(device)
+            x, y = to_format(x.to(device), cl), y.to(device)
             set_lr(opt, lr_at(step, total, lr, optimizer.schedule))
             loss = F.cross_entropy(model(x), y)
             check_finite(loss.detach(), "teacher")
@@ -93,6 +97,7 @@ def train_teacher(
             step += 1
             if console.enabled:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+        model.to(memory_format=torch.contiguous_format)
         acc, test_loss = evaluate(model, loaders.test, device)
         if logger is not None:
             logger.log({"teacher/epoch": epoch, "teacher/acc": acc, "teacher/test_loss": test_loss}, step)
@@ -150,7 +155,9 @@ def should_cache_logits(mode: str, augmented: bool) -> tuple[bool, str]:
 def cache_teacher_logits(teacher: nn.Module, loaders: RunLoaders, device: torch.device) -> torch.Tensor:
     """Teacher logits of every training sample, in index order (``loaders.plain``)."""
     teacher.eval()
-    return torch.cat([teacher(batch[0].to(device)).float() for batch in loaders.plain])
+    cl = wants_channels_last(loaders.example_input.to(device))
+    with channels_last(teacher, cl):
+        return torch.cat([teacher(to_format(batch[0].to(device), cl)).float() for batch in loaders.plain])
 
 
 class TeacherLogits:
