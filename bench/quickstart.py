@@ -118,11 +118,59 @@ def run(raw: dict[str, Any], run_dir: Path) -> tuple[dict[str, Any], dict[str, f
     return summary, phases
 
 
+def aggregate(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Mean ± std of the student's accuracy and its drop below its own teacher, per method."""
+    agg: dict[str, Any] = {}
+    base = {r["seed"]: r["student_acc"] for r in runs.get("kd_fixed_t4", [])}
+    for method, rs in runs.items():
+        if not rs:
+            continue
+        accs, drops = [r["student_acc"] for r in rs], [r["acc_drop"] for r in rs]
+        paired = [r["student_acc"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        agg[method] = {
+            "n": len(rs), "seeds": [r["seed"] for r in rs], "student_accs": accs,
+            "student_acc_mean": statistics.fmean(accs), "student_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "acc_drop_mean": statistics.fmean(drops), "acc_drop_max": max(drops),
+            "teacher_acc_mean": statistics.fmean(r["teacher_acc"] for r in rs),
+            "minus_kd_fixed_t4_mean": statistics.fmean(paired) if paired else None,
+            "minus_kd_fixed_t4_std": statistics.stdev(paired) if len(paired) > 1 else None,
+            "wall_time_s_mean": statistics.fmean(r["wall_time_s"] for r in rs),
+            "compression_ratio": rs[0]["compression_ratio"],
+        }
+        a = agg[method]
+        vs = "" if a["minus_kd_fixed_t4_mean"] is None else f"  vs KD T=4 {100 * a['minus_kd_fixed_t4_mean']:+.2f} pt"
+        print(f"{method:<12} student {100 * a['student_acc_mean']:.2f} ± {100 * a['student_acc_std']:.2f}  "
+              f"teacher {100 * a['teacher_acc_mean']:.2f}  drop mean {100 * a['acc_drop_mean']:+.2f} pt "
+              f"(worst {100 * a['acc_drop_max']:+.2f}){vs}  wall {a['wall_time_s_mean']:.1f}s", flush=True)
+    return agg
+
+
+def merge(paths: list[Path], out: Path | None) -> int:
+    parts = [json.loads(p.read_text()) for p in paths]
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for part in parts:
+        for method, rs in part["runs"].items():
+            runs[method].extend(rs)
+    for rs in runs.values():
+        rs.sort(key=lambda r: r["seed"])
+    merged = {**parts[0], "merged_from": [str(p) for p in paths], "commands": [p["command"] for p in parts],
+              "load_avg_before": [p["load_avg_before"] for p in parts],
+              "load_avg_after": [p["load_avg_after"] for p in parts],
+              "runs": dict(runs), "aggregate": aggregate(dict(runs))}
+    if out is not None:
+        out.write_text(json.dumps(merged, indent=2))
+        print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import yaml
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--seed-list", type=int, nargs="+", default=None, help="these seeds instead of 0..N-1")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="only aggregate these result files (from runs split over processes) into --out")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override (every method)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -132,13 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if args.merge:
+        return merge(args.merge, args.out)
     base = yaml.safe_load(RECIPE.read_text())
     base = apply_overrides(base, args.overrides)
     n_stages = len(base["stages"])
     load_before = os.getloadavg()
     t_all = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
-    for seed in range(args.seeds):
+    for seed in (args.seed_list if args.seed_list is not None else range(args.seeds)):
         teacher_pt: Path | None = None
         for method in args.methods:
             raw = copy.deepcopy(base)
@@ -162,22 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
             if method == "temperate":
                 print("   " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()), flush=True)
-    agg: dict[str, Any] = {}
-    for method, rs in runs.items():
-        if not rs:
-            continue
-        accs, drops = [r["student_acc"] for r in rs], [r["acc_drop"] for r in rs]
-        agg[method] = {
-            "student_acc_mean": statistics.fmean(accs), "student_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "acc_drop_mean": statistics.fmean(drops), "acc_drop_max": max(drops),
-            "teacher_acc_mean": statistics.fmean(r["teacher_acc"] for r in rs),
-            "wall_time_s_mean": statistics.fmean(r["wall_time_s"] for r in rs),
-            "compression_ratio": rs[0]["compression_ratio"],
-        }
-        a = agg[method]
-        print(f"{method:<12} student {100 * a['student_acc_mean']:.2f} ± {100 * a['student_acc_std']:.2f}  "
-              f"teacher {100 * a['teacher_acc_mean']:.2f}  drop mean {100 * a['acc_drop_mean']:+.2f} pt "
-              f"(worst {100 * a['acc_drop_max']:+.2f})  wall {a['wall_time_s_mean']:.1f}s", flush=True)
+    agg = aggregate(runs)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({

@@ -11,8 +11,8 @@ and return value ``(y, scale, zero_point, bit_width)``, selected by the presets 
 :mod:`qtemperate.quantization.quantizers`) that computes the same numbers with three
 autograd functions:
 
-**The tensor** (``v = x / s``, ``q = clamp(round(v), lo, hi)``, ``y = q * s``): the same
-float operations as Brevitas (division, not multiplication by ``1/s``; round half to
+**The tensor** (float32 or float64; other dtypes run Brevitas's operations) (``v = x / s``,
+``q = clamp(round(v), lo, hi)``, ``y = q * s``): the same float operations as Brevitas (division, not multiplication by ``1/s``; round half to
 even), so ``y`` is bit-identical (the sign of a zero may differ: ``-0.0 == 0.0``).
 
 * activations (Brevitas ``TensorClamp``: no gradient through the clamp), with the mask
@@ -121,25 +121,27 @@ def brevitas_reference() -> Iterator[None]:
 
 
 # -- the tensor --------------------------------------------------------------------------
-def _float32_neighbour(value: float, direction: float) -> float:
-    """The float32 number next to ``value`` (itself a float32 number) towards ``direction``."""
-    return float(torch.nextafter(torch.tensor(value, dtype=torch.float32),
-                                 torch.tensor(direction, dtype=torch.float32)))
+_DTYPES = (torch.float32, torch.float64)  # others (AMP's half types) run Brevitas's operations
+
+
+def _neighbour(value: float, direction: float, dtype: torch.dtype) -> float:
+    """The ``dtype`` number next to ``value`` (itself a ``dtype`` number) towards ``direction``."""
+    return float(torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(direction, dtype=dtype)))
 
 
 @functools.lru_cache(maxsize=64)
-def _mask_bounds(lo: float, hi: float) -> tuple[float, float]:
-    """Open interval ``(a, b)`` of ``v`` with ``lo <= round_half_even(v) <= hi``.
+def _mask_bounds(lo: float, hi: float, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """Open interval ``(a, b)`` of ``v`` (of ``dtype``) with ``lo <= round_half_even(v) <= hi``.
 
     ``round(v) >= lo`` ⟺ ``v > lo - 1/2`` for odd ``lo`` (``lo - 1/2`` rounds to the even
     ``lo - 1``) and ``v >= lo - 1/2`` for even ``lo``; symmetrically at ``hi``. ``lo ± 1/2``
-    are exact float32 numbers for grids up to 2**23.
+    are exact float32 and float64 numbers for grids up to 2**23.
     """
     a, b = lo - 0.5, hi + 0.5
     if lo % 2 == 0:
-        a = _float32_neighbour(a, -math.inf)
+        a = _neighbour(a, -math.inf, dtype)
     if hi % 2 == 0:
-        b = _float32_neighbour(b, math.inf)
+        b = _neighbour(b, math.inf, dtype)
     return a, b
 
 
@@ -165,7 +167,7 @@ class _FakeQuant(torch.autograd.Function):
         v = x / scale
         q = torch.round(v).clamp_(0.0 if relu else lo, hi)
         ctx.save_for_backward(v, q, scale)
-        a, b = _mask_bounds(lo, hi)
+        a, b = _mask_bounds(lo, hi, v.dtype)
         ctx.bounds = (0.0, b) if relu else (a, b)
         return q * scale
 
@@ -379,7 +381,7 @@ class FastRescalingIntQuant(RescalingIntQuant):
     def forward(self, x: Tensor, relu: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(y, scale, zero_point, bit_width)`` as ``RescalingIntQuant``; ``relu`` only when
         :meth:`can_fuse_relu` (the caller checks)."""
-        if self._fast_kind is None or not _ENABLED:
+        if self._fast_kind is None or not _ENABLED or x.dtype not in _DTYPES:
             return super().forward(x)
         bit_width = self.msb_clamp_bit_width_impl()
         lo, hi, n = self.grid(bit_width)
@@ -404,7 +406,7 @@ class _FusedReLUQuant(FusedActivationQuantProxy):
     """``tensor_quant(relu(x))`` computed as one fused fake-quantize (module doc)."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        if self.tensor_quant.can_fuse_relu():
+        if x.dtype in _DTYPES and self.tensor_quant.can_fuse_relu():
             return self.tensor_quant(x, relu=True)
         return super().forward(x)
 

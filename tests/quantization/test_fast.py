@@ -122,16 +122,27 @@ def _to_brevitas(model: nn.Module) -> nn.Module:
 
 
 # -- closed forms -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("lo,hi", [(-128, 127), (-127, 127), (0, 255), (-8, 7), (-7, 7), (0, 15), (-2, 1)])
-def test_mask_bounds_select_exactly_the_values_that_round_into_range(lo: int, hi: int) -> None:
-    a, b = _mask_bounds(lo, hi)
+def test_mask_bounds_select_exactly_the_values_that_round_into_range(lo: int, hi: int, dtype: torch.dtype) -> None:
+    a, b = _mask_bounds(lo, hi, dtype)
     edges = [lo - 0.5, hi + 0.5, lo, hi, lo - 1.5, hi + 1.5, 0.0]
-    v = torch.tensor(edges, dtype=torch.float32)
-    near = torch.cat([v, torch.nextafter(v, v - 1), torch.nextafter(v, v + 1), torch.linspace(lo - 3, hi + 3, 997)])
+    v = torch.tensor(edges, dtype=dtype)
+    near = torch.cat([v, torch.nextafter(v, v - 1), torch.nextafter(v, v + 1),
+                      torch.linspace(lo - 3, hi + 3, 997, dtype=dtype)])
     r = torch.round(near)
-    expected = ((r >= lo) & (r <= hi)).float()
+    expected = ((r >= lo) & (r <= hi)).to(dtype)
     got = torch.ops.aten.hardtanh_backward(torch.ones_like(near), near, a, b)
     assert torch.equal(got, expected)
+
+
+def test_half_precision_runs_brevitas_operations() -> None:
+    """The mask bounds are exact in float32/float64 only: other dtypes take Brevitas's path."""
+    q = qnn.QuantIdentity(act_quant=Int8ActPerTensorFloatStatefulBitWidth, bit_width=8, return_quant_tensor=False)
+    ref = qnn.QuantIdentity(act_quant=RefInt8Act, bit_width=8, return_quant_tensor=False)
+    q, ref = q.to(torch.bfloat16), ref.to(torch.bfloat16)
+    x = torch.randn(64, dtype=torch.bfloat16)
+    assert torch.equal(q(x), ref(x))
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -378,3 +389,21 @@ def test_uncalibrated_model_collects_statistics_of_relu_outputs() -> None:
     tq = next(m for m in q.modules() if isinstance(m, _FusedReLUQuant)).tensor_quant
     assert not tq.can_fuse_relu()
     assert math.isfinite(float(tq.scaling_impl.buffer))
+
+
+def test_channels_last_tensors_give_the_same_values_and_gradients() -> None:
+    """NHWC activations (the trainer's CPU layout): same outputs, masks and gradients."""
+    torch.manual_seed(5)
+    x = (torch.randn(4, 6, 5, 5) * 3).requires_grad_()
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    s, s_cl = (torch.tensor(0.2, requires_grad=True) for _ in range(2))
+    g = torch.randn(4, 6, 5, 5)
+    y, y_cl = fake_quant(x, s, -8, 7), fake_quant(x_cl, s_cl, -8, 7)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, y_cl)
+    y.backward(g)
+    y_cl.backward(g.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(x.grad, x_cl.grad)
+    exact, bound = _threshold_oracle(x, s, g, -8, 7, False)
+    for grad in (s.grad, s_cl.grad):  # summed in another element order: float32 rounding only
+        assert abs(float(grad) - exact) <= bound
