@@ -278,6 +278,8 @@ def parallel(args: argparse.Namespace, seeds: list[int]) -> int:
                    "--threads", str(k), "--runs-root", str(args.runs_root), "--out", str(parts / f"{name}.json"),
                    "--device", args.device, "--cpus", ",".join(map(str, slots[slot])), *teacher, *forwarded]
             env = {**os.environ, "OMP_NUM_THREADS": str(k), "MKL_NUM_THREADS": str(k)}
+            if args.device == "cpu":  # a CPU figure: no CUDA context (seeding touches CUDA where it is visible)
+                env["CUDA_VISIBLE_DEVICES"] = ""
             with open(logs / f"{name}.log", "wb") as log:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                         preexec_fn=lambda cores=slots[slot]: os.sched_setaffinity(0, cores))

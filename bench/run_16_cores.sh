@@ -14,6 +14,7 @@ data=${1:?usage: bench/run_16_cores.sh FASHION_MNIST_DIR [OUT_DIR]}
 out=${2:-bench/results/16core}
 py=${PYTHON:-python}
 cd "$(dirname "$0")/.."
+export CUDA_VISIBLE_DEVICES=""   # CPU figures: no CUDA context in any of these processes
 mkdir -p "$out"
 lscpu > "$out/lscpu.txt"
 uptime > "$out/uptime_before.txt"
