@@ -39,9 +39,24 @@ from qtemperate.recipe import RecipeError, load_recipe
 
 __all__ = ["UsageError", "main"]
 
+_IMPORTED = time.perf_counter()
+
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
+
+
+def _seconds_since_start() -> float:
+    """Wall time since this process started, imports included (Linux ``/proc``; elsewhere
+    since this module was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter() - _IMPORTED
 
 
 @contextlib.contextmanager
@@ -225,6 +240,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         result = plan_recipe(recipe)
     except ValueError as exc:  # an unreachable target names its field
         raise BadInput(str(exc)) from None
+    result["wall_seconds"] = _seconds_since_start()
     if args.plot:
         from qtemperate.plots import schedule_figure
 
@@ -249,7 +265,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{st['name']:<10}{bits:<8}{st['params']:>12,}"
               f"{st['macs'] or 0:>16,}{st['bytes']:>14,.0f}{st['compression_ratio']:>10.4f}")
     print(f"compression_ratio {result['compression_ratio']:.4f} (target {recipe.student.target_size_ratio}); "
-          f"planned in {result['seconds']:.1f} s")
+          f"planned in {result['seconds']:.1f} s ({result['wall_seconds']:.1f} s since the command started)")
     return 0
 
 

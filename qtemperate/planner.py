@@ -4,12 +4,15 @@ The recipe asks for ``target_size_ratio`` = student bytes / teacher float bytes,
 counted at the *final* stage's bit widths. Bytes after quantization are not a fixed
 multiple of the parameter count (first/last layers stay at 8 bits, per-channel
 scales and float biases add a little), so the planner measures rather than
-guesses: it quantizes the candidate student, reads :func:`~qtemperate.size.model_size`
-and shrinks the pruning ratio until the target is met.
+guesses: it reads the candidate student's bytes at the final bits
+(:class:`~qtemperate.quant_layout.QuantLayout`: exactly ``model_size(quantize(...))``,
+counted from the pruned widths without building the quantized model) and shrinks the
+pruning ratio until the target is met.
 
 Starting point: ``r0 = target_bytes / bytes(quantize(teacher))`` — bytes are close to
 linear in the parameter count — then ``r ← r · target / bytes · 0.98`` until
-``bytes ≤ target`` (a few rounds at most).
+``bytes ≤ target`` (a few rounds at most). Every round prunes the same teacher with one
+:class:`~qtemperate.pruning.ChannelPruner`, so all ratio searches share one dependency graph.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,12 +29,16 @@ import torch
 from torch import nn
 
 from qtemperate.bits import FLOAT_BITS
-from qtemperate.pruning import UnreachableTarget, prune
-from qtemperate.quantization import quantize, set_bit_width
+from qtemperate.pruning import ChannelPruner, UnreachableTarget, _check_counts, _importance_factory
+from qtemperate.quant_layout import QuantLayout, quant_layout
 from qtemperate.recipe import Recipe
 from qtemperate.size import SizeReport, model_size
 
 __all__ = ["PlanReport", "StagePlan", "plan_recipe", "plan_stages", "plan_student"]
+
+# The layout plan_student read from the teacher, for plan_stages of the student it returned
+# (a pruned copy has the teacher's layers and names).
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, QuantLayout] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -69,8 +77,14 @@ class PlanReport:
 
 
 def _quantized_bytes(
-    model: nn.Module, weight_bits: int, act_bits: int, first_last_bits: int, per_channel: bool
+    model: nn.Module, weight_bits: int, act_bits: int, first_last_bits: int, per_channel: bool,
+    layout: QuantLayout | None = None,
 ) -> float:
+    """``model_size(quantize(model, ...)).quantized_bytes``, from ``layout`` when there is one."""
+    if layout is not None:
+        return float(layout.size(model, weight_bits, act_bits, first_last_bits, per_channel).quantized_bytes)
+    from qtemperate.quantization import quantize  # a model quant_layout() does not cover
+
     q = quantize(model, weight_bits, act_bits, first_last_bits=first_last_bits, per_channel=per_channel)
     return float(model_size(q).quantized_bytes)
 
@@ -144,10 +158,12 @@ def plan_student(
     teacher_bytes = float(t_size.float_bytes)
     quantized = weight_bits != FLOAT_BITS
 
+    layout = quant_layout(teacher) if quantized else None  # pruning keeps layers and names
+
     def student_bytes(m: nn.Module) -> float:
         if not quantized:
             return float(model_size(m).float_bytes)
-        return _quantized_bytes(m, weight_bits, act_bits, first_last_bits, per_channel)
+        return _quantized_bytes(m, weight_bits, act_bits, first_last_bits, per_channel, layout)
 
     # Parameter targets do not depend on the input size, and DepGraph only needs
     # shapes: trace large images at 64 px (ResNet-50's pruning is ~10x cheaper).
@@ -156,23 +172,23 @@ def plan_student(
         torch.nn.functional.interpolate(example_input, size=(64, 64)) if min(h, w) > 64 else example_input
     )
 
+    _check_counts(iterative_steps, max_layer_ratio, 1, round_to)
+    _importance_factory(importance)
+    pruner: ChannelPruner | None = None  # built on the first prune, reused by every round
+
     def do_prune(ratio: float) -> tuple[nn.Module, dict[str, Any] | None]:
+        nonlocal pruner
         if ratio >= 0.999:
             return copy.deepcopy(teacher), None
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"target_params_ratio must be in (0, 1], got {ratio!r}")
         with warnings.catch_warnings():
             # A coarse channel grid may miss the params ratio; the planner checks the
             # bytes itself and adjusts, so the pruner's warning is noise here.
             warnings.filterwarnings("ignore", message="pruning reached")
-            pruned, rep = prune(
-                teacher,
-                prune_input,
-                target_params_ratio=ratio,
-                importance=importance,
-                iterative_steps=iterative_steps,
-                max_layer_ratio=max_layer_ratio,
-                calibration_loader=calibration_loader,
-                round_to=round_to,
-            )
+            if pruner is None:
+                pruner = ChannelPruner(teacher, prune_input, "params", max_layer_ratio, round_to)
+            pruned, rep = pruner.prune(ratio, importance, iterative_steps, calibration_loader)
         return pruned, rep.to_dict()
 
     if target_size_ratio is None:
@@ -195,6 +211,8 @@ def plan_student(
                 f"{sbytes / teacher_bytes:.4f} after {rounds} rounds (raise max_layer_ratio "
                 "or lower the final bit width)"
             )
+    if layout is not None:
+        _LAYOUTS[student] = layout
     s_size = model_size(student, example_input)
     if rep is not None:
         chosen = float(rep["params_ratio"])  # what pruning achieved, not what was asked
@@ -222,19 +240,28 @@ def plan_stages(
     teacher_float_bytes: float,
     first_last_bits: int = 8,
     per_channel: bool = True,
+    student_size: SizeReport | None = None,
 ) -> list[StagePlan]:
     """Params, MACs and true bytes of ``student`` at each ``(name, w_bits, a_bits)``.
 
-    The model is quantized once, at the first quantized stage, and switched down in
-    place for the later ones — the same path training takes.
+    Bytes are those of ``quantize(student, w_bits, a_bits, ...)``, read from the
+    student's :class:`~qtemperate.quant_layout.QuantLayout` (for a model it does not
+    cover: quantized once at the first quantized stage and switched down in place, the
+    path training takes). ``student_size``: the float student's size report with MACs,
+    when the caller has it.
     """
-    fsize = model_size(student, example_input)
+    fsize = student_size if student_size is not None else model_size(student, example_input)
+    layout = _LAYOUTS.get(student) or quant_layout(student)
     out: list[StagePlan] = []
     q: nn.Module | None = None
     for name, wb, ab in stages:
         if wb == FLOAT_BITS:
             nbytes = float(fsize.float_bytes)
+        elif layout is not None:
+            nbytes = float(layout.size(student, wb, ab, first_last_bits, per_channel).quantized_bytes)
         else:
+            from qtemperate.quantization import quantize, set_bit_width
+
             if q is None:
                 q = quantize(student, wb, ab, first_last_bits=first_last_bits, per_channel=per_channel)
             else:
@@ -282,18 +309,24 @@ def plan_recipe(recipe: Recipe) -> dict[str, Any]:
         recipe, teacher, info.num_classes, info.in_channels, example, iterative_steps=1, teacher_size=t_size,
     )
     student.eval()
+    s_size = None
+    if report is not None:  # plan_student counted the student's params and MACs already
+        nbytes = 4 * report.student_params
+        s_size = SizeReport(float_bytes=nbytes, quantized_bytes=float(nbytes), compression_ratio=1.0,
+                            params=report.student_params, macs=report.student_macs)
     # The schedule as planned: switches resolved (a dry run reads no class counts) and the
     # no-feedback path of every stage (no validation loss before training).
     from qtemperate.joint_scheduler import JointScheduler
     from qtemperate.schedule_switches import ModelFacts, no_feedback_path, resolve_switches
 
     switches = resolve_switches(
-        recipe, ModelFacts(info.num_classes, int(t_size.params), int(model_size(student).params))
+        recipe, ModelFacts(info.num_classes, int(t_size.params),
+                           int(s_size.params if s_size is not None else model_size(student).params))
     )
     sched = JointScheduler.from_recipe(switches.recipe)
     stages = plan_stages(
         student, example, [(st.label, st.weight_bits, st.act_bits) for st in recipe.stages],
-        teacher_bytes, first_last_bits=s.first_last_bits, per_channel=s.per_channel,
+        teacher_bytes, first_last_bits=s.first_last_bits, per_channel=s.per_channel, student_size=s_size,
     )
     return {
         "recipe": recipe.name,

@@ -40,6 +40,7 @@ from qtemperate.registry import Registry
 
 __all__ = [
     "IMPORTANCES",
+    "ChannelPruner",
     "PruneReport",
     "UnreachableTarget",
     "count_params_macs",
@@ -62,6 +63,8 @@ _ACCEPT_TOL = 0.03
 _MAX_TRIALS = 24
 _MAX_REFINES = 2
 _WIDTH_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+# DepGraph operation nodes whose pruning functions change nothing (no sizes to update).
+_STATELESS_OPS = (tp.ops._ElementWiseOp, tp.ops._ReshapeOp)
 
 
 class UnreachableTarget(ValueError):
@@ -275,6 +278,36 @@ def _widths(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def _cache_groups(dg: tp.DependencyGraph) -> None:
+    """Make ``dg.get_all_groups`` compute each distinct query once (for a graph whose model
+    is never pruned: its groups are read, never changed, by the pruner)."""
+    compute = dg.get_all_groups
+    cache: dict[tuple[Any, ...], list[Any]] = {}
+
+    def get_all_groups(ignored_layers: Sequence[Any] = (), root_module_types: Sequence[type] = (
+            tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)) -> Iterable[Any]:
+        key = (tuple(id(m) for m in ignored_layers), tuple(root_module_types))
+        if key not in cache:
+            cache[key] = list(compute(ignored_layers=list(ignored_layers), root_module_types=root_module_types))
+        return iter(cache[key])
+
+    dg.get_all_groups = get_all_groups  # type: ignore[method-assign]
+
+
+def _params_after(module: nn.Module, out_removed: int, in_removed: int) -> int | None:
+    """Own parameters of ``module`` after removing output / input channels (None: unknown kind)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
+        out, inp = module.out_channels - out_removed, module.in_channels - in_removed
+        return out * inp * math.prod(module.kernel_size) + (out if module.bias is not None else 0)
+    if isinstance(module, nn.Linear):
+        out, inp = module.out_features - out_removed, module.in_features - in_removed
+        return out * inp + (out if module.bias is not None else 0)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        n = module.num_features - max(out_removed, in_removed)
+        return 2 * n if module.affine else 0
+    return None
+
+
 class _Pruning:
     """State shared by the ratio search and the real run (one :func:`prune` call)."""
 
@@ -295,13 +328,16 @@ class _Pruning:
         self.max_layer_ratio = max_layer_ratio
         self.params0, self.macs0 = count_params_macs(model, example_inputs)
         self.trials = 0
+        self._planner: tp.pruner.BasePruner | None = None  # one DepGraph for every trial
+        self._replayable = False  # set with the pruner: groups can be read without pruning
+        self._counts_widths = target == "params"  # trials count params from widths, no copy pruned
 
     def _ignored(self, model: nn.Module) -> list[nn.Module]:
         return [model.get_submodule(n) for n in self.ignored_names]
 
     def ratio_upper_bound(self) -> float:
         """Largest uniform ratio keeping every group at >= (1 - max) of its width (and >= 1)."""
-        dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.inputs)
+        dg = self._trial_pruner().DG
         ignored = [s for m in self._ignored(self.model) for s in m.modules()]
         bound = 1.0
         for group in dg.get_all_groups(
@@ -317,6 +353,10 @@ class _Pruning:
         model = copy.deepcopy(self.model)
         if ratio <= 0.0:
             return model
+        if steps == 1:
+            self._trial_pruner()  # decides whether groups can be replayed
+            if self._replayable:
+                return self._replay(model, ratio, importance)
         pruner = tp.pruner.BasePruner(
             model,
             self.inputs,
@@ -338,8 +378,101 @@ class _Pruning:
             return _num_params(model) / self.params0
         return count_params_macs(model, self.inputs)[1] / self.macs0
 
+    def _trial_pruner(self) -> tp.pruner.BasePruner:
+        """A one-step pruner on the (never modified) working model: its DepGraph serves every trial."""
+        if self._planner is None:
+            self._planner = tp.pruner.BasePruner(
+                self.model,
+                self.inputs,
+                importance=tp.importance.RandomImportance(),
+                pruning_ratio=0.0,
+                max_pruning_ratio=self.max_layer_ratio,
+                round_to=self.round_to,
+                iterative_steps=1,
+                iterative_pruning_ratio_scheduler=_tp_scheduler,
+                ignored_layers=self._ignored(self.model),
+            )
+            _cache_groups(self._planner.DG)  # the working model is never pruned: groups stay
+            in_model = {id(m) for m in self.model.modules()}
+            # Concat/split/slice nodes keep sizes that pruning updates group by group: with
+            # them the groups must be pruned one after another, on a copy, as before.
+            self._replayable = all(
+                id(m) in in_model or isinstance(m, _STATELESS_OPS) for m in self._planner.DG.module2node
+            )
+            self._counts_widths = self._counts_widths and self._replayable
+        return self._planner
+
+    def _select(self, ratio: float) -> Any:
+        """The one-step pruner's groups at ``ratio`` (interactive: nothing is pruned)."""
+        pruner = self._trial_pruner()
+        pruner.pruning_ratio = ratio
+        pruner.per_step_pruning_ratio = _tp_scheduler(ratio, 1)
+        pruner.current_step = 0
+        return pruner.step(interactive=True)
+
+    def _replay(self, model: nn.Module, ratio: float, importance: tp.importance.Importance) -> nn.Module:
+        """One-step pruning of ``model`` (a copy of the working model) without a new DepGraph.
+
+        The working model's pruner chooses the channels with ``importance`` (the copy has
+        the same weights) and each group's pruning functions are applied to the copy's
+        module of the same name: what ``group.prune()`` does to the working model.
+        """
+        pruner = self._trial_pruner()
+        names_by_module = {m: n for n, m in self.model.named_modules()}
+        pruner.importance, random_importance = importance, pruner.importance
+        try:
+            for group in self._select(ratio):
+                for dep, idxs in group:
+                    if dep.target.module not in names_by_module:
+                        continue  # an element-wise or reshape node: nothing to prune
+                    node, original = dep.target, dep.target.module
+                    node.module = model.get_submodule(names_by_module[original])
+                    try:
+                        dep(idxs)  # the dependency's own call: pruning dim, index mapping, handler
+                    finally:
+                        node.module = original
+        finally:
+            pruner.importance = random_importance
+        return model
+
+    def trial_params(self, ratio: float) -> int | None:
+        """Parameters after a one-step prune at ``ratio``, counted from the pruned widths.
+
+        The pruner's groups and channel counts are read in interactive mode without
+        pruning anything (so one DepGraph serves the whole search); a layer's parameters
+        follow from its widths for Conv (``groups == 1``), Linear and BatchNorm layers.
+        ``None`` when a pruned layer is of another kind (the caller prunes a copy instead).
+        """
+        pruner = self._trial_pruner()
+        if not self._replayable:
+            return None
+        removed: dict[tuple[int, bool], int] = {}
+        modules: dict[int, nn.Module] = {}
+        for group in self._select(ratio):
+            for dep, idxs in group:
+                if dep.target.type == tp.ops.OPTYPE.PARAMETER:
+                    return None
+                module = dep.target.module
+                if not isinstance(module, nn.Module) or next(module.parameters(recurse=False), None) is None:
+                    continue  # an operation or a parameter-free layer: nothing to count
+                out = pruner.DG.is_out_channel_pruning_fn(dep.handler)
+                modules[id(module)] = module
+                removed[(id(module), out)] = max(removed.get((id(module), out), 0), len(idxs))
+        total = _num_params(self.model)
+        for key, module in modules.items():
+            after = _params_after(module, removed.get((key, True), 0), removed.get((key, False), 0))
+            if after is None:
+                return None
+            total += after - sum(p.numel() for p in module.parameters(recurse=False))
+        return total
+
     def trial(self, ratio: float) -> float:
         self.trials += 1
+        if self._counts_widths:
+            params = self.trial_params(ratio)
+            if params is not None:
+                return params / self.params0
+            self._counts_widths = False  # a layer whose parameters the widths do not give
         return self.measure(self.run(ratio, tp.importance.RandomImportance(), 1))
 
     def search(self, goal: float, r_max: float) -> tuple[float, float]:
@@ -498,55 +631,108 @@ def prune(
         KeyError: for an unknown ``importance`` name (the message lists known ones).
     """
     start = time.perf_counter()
-    target, goal, arg = _check_target(target_params_ratio, target_macs_ratio)
+    target, goal, _ = _check_target(target_params_ratio, target_macs_ratio)
     _check_counts(iterative_steps, max_layer_ratio, bn_batches, round_to)
-    imp_name, imp_factory = _importance_factory(importance)
-    ignored_names = _ignored_names(model, ignored_layers)
+    _importance_factory(importance)  # an unknown name fails before any work
+    pruner = ChannelPruner(model, example_inputs, target, max_layer_ratio, round_to, ignored_layers)
+    return pruner.prune(goal, importance, iterative_steps, calibration_loader, bn_batches, _start=start)
 
-    was_training = model.training
-    work = copy.deepcopy(model).eval()  # eval: tracing forwards must not touch BN stats
-    inputs = _to_device(example_inputs, _model_device(work))
-    state = _Pruning(work, inputs, ignored_names, target, max_layer_ratio, round_to)
-    widths_before = _widths(work)
 
-    r_max = state.ratio_upper_bound()
-    ratio, predicted = state.search(goal, r_max)
-    pruned = state.run(ratio, imp_factory(), iterative_steps)
-    achieved = state.measure(pruned)
-    for _ in range(_MAX_REFINES):
-        if abs(achieved - goal) <= _ACCEPT_TOL or math.isclose(achieved, predicted):
-            break
-        # The real run disagreed with the trial: shift the goal by the offset and redo.
-        ratio, predicted = state.search(min(1.0, max(1e-6, 2 * goal - achieved)), r_max)
+class ChannelPruner:
+    """Prune copies of one float model to several budgets, sharing one dependency graph.
+
+    :func:`prune` is ``ChannelPruner(...).prune(goal, ...)``; a caller that prunes the same
+    model to several budgets (the planner's bytes search) keeps the pruner, so every ratio
+    search runs on the same DepGraph (built once) and the same unpruned working copy.
+
+    Args:
+        model: Float model (not modified; a deep copy is kept).
+        example_inputs: Inputs for tracing and MAC counting.
+        target: ``"params"`` or ``"macs"``: what :meth:`prune`'s goal is a fraction of.
+        max_layer_ratio: As :func:`prune`.
+        round_to: As :func:`prune`.
+        ignored_layers: As :func:`prune` (modules of ``model``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        target: str = "params",
+        max_layer_ratio: float = 0.9,
+        round_to: int | None = None,
+        ignored_layers: Sequence[nn.Module] | None = None,
+    ) -> None:
+        if target not in ("params", "macs"):
+            raise ValueError(f"target must be 'params' or 'macs', got {target!r}")
+        _check_counts(1, max_layer_ratio, 1, round_to)
+        self.target = target
+        self.was_training = model.training
+        work = copy.deepcopy(model).eval()  # eval: tracing forwards must not touch BN stats
+        self.inputs = _to_device(example_inputs, _model_device(work))
+        self.state = _Pruning(work, self.inputs, _ignored_names(model, ignored_layers), target,
+                              max_layer_ratio, round_to)
+        self.widths_before = _widths(work)
+        self._r_max: float | None = None
+
+    def prune(
+        self,
+        goal: float,
+        importance: str | tp.importance.Importance = "l2",
+        iterative_steps: int = 16,
+        calibration_loader: Iterable[Any] | None = None,
+        bn_batches: int = 20,
+        _start: float | None = None,
+    ) -> tuple[nn.Module, PruneReport]:
+        """A pruned copy keeping ``goal`` of the target quantity (see :func:`prune`)."""
+        start = time.perf_counter() if _start is None else _start
+        arg = f"target_{self.target}_ratio"
+        if not isinstance(goal, (int, float)) or isinstance(goal, bool) or not 0.0 < goal <= 1.0:
+            raise ValueError(f"{arg} must be in (0, 1], got {goal!r}")
+        _check_counts(iterative_steps, self.state.max_layer_ratio, bn_batches, self.state.round_to)
+        imp_name, imp_factory = _importance_factory(importance)
+        state, target = self.state, self.target
+        state.trials = 0
+        if self._r_max is None:
+            self._r_max = state.ratio_upper_bound()
+        r_max = self._r_max
+        ratio, predicted = state.search(goal, r_max)
         pruned = state.run(ratio, imp_factory(), iterative_steps)
         achieved = state.measure(pruned)
-    if abs(achieved - goal) > _ACCEPT_TOL:
-        warnings.warn(
-            f"pruning reached {target} ratio {achieved:.4f}, more than {_ACCEPT_TOL} from "
-            f"{arg}={goal}: the model's channel granularity is too coarse",
-            stacklevel=2,
+        for _ in range(_MAX_REFINES):
+            if abs(achieved - goal) <= _ACCEPT_TOL or math.isclose(achieved, predicted):
+                break
+            # The real run disagreed with the trial: shift the goal by the offset and redo.
+            ratio, predicted = state.search(min(1.0, max(1e-6, 2 * goal - achieved)), r_max)
+            pruned = state.run(ratio, imp_factory(), iterative_steps)
+            achieved = state.measure(pruned)
+        if abs(achieved - goal) > _ACCEPT_TOL:
+            warnings.warn(
+                f"pruning reached {target} ratio {achieved:.4f}, more than {_ACCEPT_TOL} from "
+                f"{arg}={goal}: the model's channel granularity is too coarse",
+                stacklevel=3,
+            )
+
+        if calibration_loader is not None:
+            recalibrate_batchnorm(pruned, calibration_loader, bn_batches)
+        pruned.train(self.was_training)
+
+        params_after, macs_after = count_params_macs(pruned, self.inputs)
+        widths_after = _widths(pruned)
+        report = PruneReport(
+            params_before=state.params0,
+            params_after=params_after,
+            macs_before=state.macs0,
+            macs_after=macs_after,
+            params_ratio=params_after / state.params0,
+            macs_ratio=macs_after / state.macs0 if state.macs0 else 1.0,
+            channel_ratio=ratio,
+            target=target,
+            target_ratio=goal,
+            importance=imp_name,
+            iterative_steps=iterative_steps,
+            trials=state.trials,
+            seconds=time.perf_counter() - start,
+            layer_widths={n: (w, widths_after.get(n, 0)) for n, w in self.widths_before.items()},
         )
-
-    if calibration_loader is not None:
-        recalibrate_batchnorm(pruned, calibration_loader, bn_batches)
-    pruned.train(was_training)
-
-    params_after, macs_after = count_params_macs(pruned, inputs)
-    widths_after = _widths(pruned)
-    report = PruneReport(
-        params_before=state.params0,
-        params_after=params_after,
-        macs_before=state.macs0,
-        macs_after=macs_after,
-        params_ratio=params_after / state.params0,
-        macs_ratio=macs_after / state.macs0 if state.macs0 else 1.0,
-        channel_ratio=ratio,
-        target=target,
-        target_ratio=goal,
-        importance=imp_name,
-        iterative_steps=iterative_steps,
-        trials=state.trials,
-        seconds=time.perf_counter() - start,
-        layer_widths={n: (w, widths_after.get(n, 0)) for n, w in widths_before.items()},
-    )
-    return pruned, report
+        return pruned, report

@@ -18,6 +18,7 @@ bytes (all quantizers are symmetric, zero point 0). ``compression_ratio`` is
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,7 +26,6 @@ import torch
 from torch import nn
 
 from qtemperate.bits import FLOAT_BITS
-from qtemperate.quantization import get_bit_widths
 
 __all__ = ["SizeReport", "count_macs", "model_size"]
 
@@ -125,7 +125,11 @@ def model_size(model: nn.Module, example_input: torch.Tensor | None = None) -> S
         >>> (r.params, r.float_bytes, r.compression_ratio)
         (22, 88, 1.0)
     """
-    live_bits = get_bit_widths(model)
+    live_bits: dict[str, dict[str, int | None]] = {}
+    if "brevitas" in sys.modules:  # without Brevitas imported no model holds its layers
+        from qtemperate.quantization import get_bit_widths
+
+        live_bits = get_bit_widths(model)
     params = 0
     qbytes = 0.0
     bits: dict[str, int] = {}

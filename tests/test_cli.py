@@ -40,6 +40,8 @@ BAD = [
 
 
 @pytest.mark.parametrize(("patch", "field"), BAD)
+
+
 def test_validate_bad_recipe_exits_2_naming_field(tmp_path: Path, capsys: pytest.CaptureFixture[str], patch: dict, field: str) -> None:
     path = _write(tmp_path, tiny_recipe(tmp_path, **patch))
     assert main(["validate", str(path)]) == 2
@@ -113,6 +115,10 @@ def test_plan_json_resnet50_meets_one_eighth(capsys: pytest.CaptureFixture[str])
     assert out["compression_ratio"] == pytest.approx(out["student_bytes"] / out["teacher_float_bytes"])
     assert [(s["weight_bits"], s["act_bits"]) for s in out["stages"]] == [(8, 8), (4, 4)]
     assert out["stages"][0]["bytes"] > out["stages"][1]["bytes"]
+    # the numbers the planner gave before it counted bytes from widths (one DepGraph)
+    from tests.test_planner import RESNET50_1OF8_BEFORE
+
+    assert {k: v for k, v in out.items() if k not in ("seconds", "wall_seconds")} == RESNET50_1OF8_BEFORE
 
 
 def test_compare_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -291,3 +297,33 @@ def test_run_set_takes_several_overrides(tmp_path: Path) -> None:
 
     args = build_parser().parse_args(["run", "r.yaml", "--set", "a=1", "b=2", "--set", "c=3"])
     assert args.recipe == "r.yaml" and args.set == ["a=1", "b=2", "c=3"]
+
+
+def _modules_after(argv: list[str]) -> dict:
+    """Run ``qtemperate <argv>`` in a fresh interpreter; which heavy packages did it import?"""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from qtemperate.cli import main\n"
+        f"rc = main({argv!r})\n"
+        "print(json.dumps({'rc': rc, **{m: m in sys.modules for m in ('brevitas', 'onnxruntime', 'wandb')}}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_verbs_that_need_no_brevitas_do_not_import_it(tmp_path: Path) -> None:
+    """validate, plan and compare start without Brevitas (it costs seconds of start-up)."""
+    recipe = str(ROOT / "recipes" / "fashion_mnist_quickstart.yaml")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({
+        "teacher_acc": 0.9, "student_acc": 0.88, "acc_drop": 0.02, "compression_ratio": 0.1,
+        "student_bytes": 1e5, "params": 1000}))
+    for argv in (["validate", recipe], ["plan", recipe, "--json"], ["compare", str(run), "--no-plot"]):
+        seen = _modules_after(argv)
+        assert seen == {"rc": 0, "brevitas": False, "onnxruntime": False, "wandb": False}, argv

@@ -58,3 +58,62 @@ def test_plan_recipe_reports_every_stage(tmp_path: Path) -> None:
     assert out["compression_ratio"] <= 0.125
     assert out["compression_ratio"] == pytest.approx(out["student_bytes"] / out["teacher_float_bytes"])
     assert out["params"] < out["teacher"]["params"]
+
+
+# -- the fast planner gives today's numbers ---------------------------------------------
+# plan_recipe("recipes/resnet50_1of8.yaml") as computed before the planner counted bytes from
+# widths (quantize() + model_size() per candidate, one DepGraph per trial), commit c7b42ea.
+RESNET50_1OF8_BEFORE = {
+    "recipe": "resnet50_1of8",
+    "teacher": {"model": "resnet50", "params": 25557032, "macs": 4089184256},
+    "teacher_float_bytes": 102228128.0, "prune_ratio": 0.9055968627342956, "target_size_ratio": 0.125,
+    "params": 23144368, "macs": 3579740864, "student_bytes": 12740692.0, "compression_ratio": 0.12463000398481326,
+    "stages": [
+        {"name": "w8a8", "weight_bits": 8, "act_bits": 8, "params": 23144368, "macs": 3579740864,
+         "bytes": 23303028.0, "compression_ratio": 0.22795123471301362},
+        {"name": "w4a4", "weight_bits": 4, "act_bits": 4, "params": 23144368, "macs": 3579740864,
+         "bytes": 12740692.0, "compression_ratio": 0.12463000398481326},
+    ],
+}
+
+
+def _the_old_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quantize every candidate to count its bytes; prune a copy with a fresh DepGraph per trial."""
+    import qtemperate.planner as planner
+    import qtemperate.pruning as pruning
+
+    monkeypatch.setattr(planner, "quant_layout", lambda model: None)
+    monkeypatch.setattr(pruning, "_STATELESS_OPS", ())  # no group is replayable: copies are pruned
+
+
+def _report(rep) -> dict:
+    out = rep.to_dict()
+    out.pop("seconds")
+    out["prune_report"].pop("seconds")
+    return out
+
+
+def test_resnet20_plan_is_the_quantize_paths_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    x = torch.randn(1, 1, 28, 28)
+    kw = dict(target_size_ratio=0.125, iterative_steps=1, round_to=8)
+    student, rep = plan_student(teacher, x, 4, 4, **kw)
+    assert rep.student_bytes == model_size(quantize(student, 4, 4)).quantized_bytes
+    with monkeypatch.context() as m:
+        _the_old_way(m)
+        student_old, rep_old = plan_student(teacher, x, 4, 4, **kw)
+    assert _report(rep) == _report(rep_old)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), student_old.state_dict().values()))
+
+
+def test_resnet50_plan_is_todays_and_the_quantized_models() -> None:
+    """The recipe's student (test_cli checks the whole ``qtemperate plan`` output)."""
+    torch.manual_seed(0)
+    teacher = build_model("resnet50", num_classes=1000, in_channels=3).eval()
+    student, rep = plan_student(teacher, torch.randn(1, 3, 64, 64), 4, 4, target_size_ratio=0.125,
+                                iterative_steps=1, round_to=8)
+    assert rep.prune_ratio == RESNET50_1OF8_BEFORE["prune_ratio"]
+    assert rep.student_params == RESNET50_1OF8_BEFORE["params"]
+    assert rep.student_bytes == RESNET50_1OF8_BEFORE["student_bytes"]
+    assert model_size(quantize(student, 4, 4)).quantized_bytes == rep.student_bytes

@@ -29,6 +29,7 @@ from qtemperate.training.checkpointing import Progress
 from qtemperate.training.console import Console
 from qtemperate.training.guards import check_finite
 from qtemperate.training.lr_schedule import lr_at, set_lr
+from qtemperate.training.memory_format import to_format, wants_channels_last
 from qtemperate.training.precision import ComputePolicy
 from qtemperate.training.teacher import TeacherLogits
 
@@ -135,8 +136,15 @@ class Distiller:
         bar = console.bar(loader, desc=f"epoch {epoch + 1}/{sched.total_epochs} {state.stage_name}")
         within_epoch = sched.moves_per_update and not sched.wants_grad_norm
         policy = self.policy or ComputePolicy(self.device)
+        # NHWC convolutions are faster on a CPU (memory_format); the layout is restored below.
+        # Not under DDP: its gradient buckets are views of the parameters as they were wrapped.
+        cl = (self.device.type == "cpu" and distributed.world_size() == 1
+              and any(isinstance(m, nn.Conv2d) for m in self.student.modules()))
+        if cl:
+            self.student.to(memory_format=torch.channels_last)
         for x, y, idx in bar:
             x, y = policy.to_device(x), targets_to(y, self.device)
+            x = to_format(x, cl and wants_channels_last(x))
             if within_epoch:  # T of this update's position in the epoch, before its forward
                 state = sched.step_update(progress.global_step)
                 self.loss_fn.follow(state)
@@ -177,6 +185,8 @@ class Distiller:
                     },
                     progress.global_step,
                 )
+        if cl:
+            self.student.to(memory_format=torch.contiguous_format)
         means = distributed.mean_over_ranks({k: float(v) / max(n, 1) for k, v in sums.items()})
         check_finite(means.get("loss", 0.0), where)
         return means
