@@ -118,7 +118,8 @@ def test_plan_json_resnet50_meets_one_eighth(capsys: pytest.CaptureFixture[str])
     # the numbers the planner gave before it counted bytes from widths (one DepGraph)
     from tests.test_planner import RESNET50_1OF8_BEFORE
 
-    assert {k: v for k, v in out.items() if k not in ("seconds", "wall_seconds")} == RESNET50_1OF8_BEFORE
+    # The sizes are today's to the byte (the schedule keys of `plan` are tested with --plot).
+    assert {k: out[k] for k in RESNET50_1OF8_BEFORE} == RESNET50_1OF8_BEFORE
 
 
 def test_compare_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
