@@ -12,6 +12,8 @@ from brevitas.graph.calibrate import calibration_mode
 from torch import nn
 
 from qtemperate.quantization.config import INPUT_ACT_BITS, ROLE_ATTR, QuantConfig
+from qtemperate.quantization.coverage import graph_facts, needs_input_quant, replacement
+from qtemperate.quantization.functional import functional_to_modules
 from qtemperate.quantization.graph import (
     _first_last_layers,
     _input_quantizer_sources,
@@ -29,7 +31,6 @@ from qtemperate.quantization.layers import (
     QuantLinear,
     QuantResidualAdd,
     _is_residual_add,
-    is_quantized,
 )
 from qtemperate.quantization.quantizers import (
     Int8ActPerTensorFloatStatefulBitWidth,
@@ -37,12 +38,17 @@ from qtemperate.quantization.quantizers import (
     Int8WeightPerTensorFloatStatefulBitWidth,
     Uint8ActPerTensorFloatStatefulBitWidth,
 )
+from qtemperate.quantization.report import QuantizationReport, quantization_report, refuse_quantized
 
 __all__ = ["calibrate", "quantize"]
 
 
 def _quant_layer(
-    mod: nn.Module, weight_bits: int, per_channel: bool, input_quant: bool
+    mod: nn.Module,
+    weight_bits: int,
+    per_channel: bool,
+    input_quant: bool,
+    input_bits: int = INPUT_ACT_BITS,
 ) -> nn.Module:
     weight_quant = (
         Int8WeightPerChannelFloatStatefulBitWidth
@@ -60,7 +66,7 @@ def _quant_layer(
     }
     if input_quant:
         kwargs["input_quant"] = Int8ActPerTensorFloatStatefulBitWidth
-        kwargs["input_bit_width"] = INPUT_ACT_BITS
+        kwargs["input_bit_width"] = input_bits
     has_bias = mod.bias is not None
     if isinstance(mod, nn.Linear):
         new: nn.Module = QuantLinear(mod.in_features, mod.out_features, bias=has_bias, **kwargs)
@@ -130,7 +136,10 @@ def quantize(
     per_channel: bool = True,
     calibration_loader: Iterable | None = None,
     calibration_batches: int = 8,
-) -> nn.Module:
+    *,
+    strict: bool = False,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, QuantizationReport]:
     """Return a Brevitas QAT copy of ``model`` (the input model is not modified).
 
     Steps: deep copy; fold BatchNorm into convolutions (:func:`fold_batch_norms`); replace
@@ -164,22 +173,28 @@ def quantize(
     QuantConfig(weight_bits, act_bits, first_last_bits, per_channel)  # validates the bits
     if calibration_batches < 1:
         raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
-    if is_quantized(model):
-        raise ValueError("model is already quantized; use set_bit_width() to change bit widths")
+    refuse_quantized(model)
     was_training = model.training
     qmodel = copy.deepcopy(model).eval()
     fold_batch_norms(qmodel)
+    qmodel, _ = functional_to_modules(qmodel)  # F.relu6, torch.cat, x * y ... become modules
     gm = _trace(qmodel)
     first, last = _first_last_layers(qmodel, gm)
     modules = dict(qmodel.named_modules())
     bias_sources = _input_quantizer_sources(gm, modules)
+    facts = graph_facts(gm, modules)
+    replaced: list[str] = []
     for name, mod in list(modules.items()):
-        if not name:
-            continue
+        if not name or not facts.called(name) or any(name.startswith(p + ".") for p in replaced):
+            continue  # the forward never calls it (e.g. a child of nn.MultiheadAttention)
         if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Linear) and not isinstance(mod, _QUANT_WBIOL):
             is_first, is_last = name in first, name in last
             bits = first_last_bits if (is_first or is_last) else weight_bits
-            new = _quant_layer(mod, bits, per_channel, input_quant=is_first)
+            requant = not is_first and needs_input_quant(name, facts, bias_sources)
+            new = _quant_layer(
+                mod, bits, per_channel, input_quant=is_first or requant,
+                input_bits=INPUT_ACT_BITS if is_first else act_bits,
+            )
             role = (
                 "first_last"
                 if is_first and is_last
@@ -200,13 +215,24 @@ def quantize(
             new = QuantResidualAdd(act_bits)
         elif isinstance(mod, nn.AdaptiveAvgPool2d | nn.AvgPool2d):
             new = QuantAvgPoolRequant(
-                mod, act_bits, signed=not _pool_input_is_relu(gm, modules, name)
+                mod, act_bits,
+                signed=not (_pool_input_is_relu(gm, modules, name) or facts.input_unsigned(name)),
             )
         else:
-            continue
+            new = replacement(name, mod, facts, weight_bits, act_bits, per_channel)
+            if new is None:
+                continue
         _set_submodule(qmodel, name, new)
+        replaced.append(name)
     _link_bias_scale_sources(qmodel, bias_sources)
     if calibration_loader is not None:
         calibrate(qmodel, calibration_loader, calibration_batches)
-    return qmodel.train(was_training)
+    qmodel.train(was_training)
+    if strict or return_report:
+        report = quantization_report(qmodel)
+        if strict:
+            report.raise_on_float()
+        if return_report:
+            return qmodel, report
+    return qmodel
 
