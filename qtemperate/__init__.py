@@ -74,9 +74,11 @@ if TYPE_CHECKING:
     from qtemperate.pruning import pruning_plan as pruning_plan
     from qtemperate.pruning import recalibrate_batchnorm as recalibrate_batchnorm
     from qtemperate.quantization import QuantConfig as QuantConfig
+    from qtemperate.quantization import QuantizationReport as QuantizationReport
     from qtemperate.quantization import ResidualAddMarker as ResidualAddMarker
     from qtemperate.quantization import get_bit_widths as get_bit_widths
     from qtemperate.quantization import get_quant_config as get_quant_config
+    from qtemperate.quantization import quantization_report as quantization_report
     from qtemperate.quantization import quantize as quantize
     from qtemperate.quantization import set_bit_width as set_bit_width
     from qtemperate.size import SizeReport as SizeReport
@@ -127,6 +129,8 @@ _LAZY = {
     "get_quant_config": "qtemperate.quantization",
     "QuantConfig": "qtemperate.quantization",
     "ResidualAddMarker": "qtemperate.quantization",
+    "QuantizationReport": "qtemperate.quantization",
+    "quantization_report": "qtemperate.quantization",
     "VerifyReport": "qtemperate.export",
     "count_macs": "qtemperate.size",
     "DATASETS": "qtemperate.data",
@@ -173,6 +177,7 @@ __all__ = [
     "PlanReport",
     "PruneReport",
     "QuantConfig",
+    "QuantizationReport",
     "Recipe",
     "RecipeError",
     "Registry",
@@ -218,6 +223,7 @@ __all__ = [
     "preflight",
     "prune",
     "pruning_plan",
+    "quantization_report",
     "quantize",
     "recalibrate_batchnorm",
     "save_student",

@@ -28,7 +28,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -95,6 +95,7 @@ class PruneReport:
         trials: Trial prunings spent by the ratio search (including refinements).
         seconds: Wall time of the whole call.
         layer_widths: Conv/Linear name -> (out channels/features before, after).
+        heads: ``attention_heads`` layer name -> (heads before, after).
     """
 
     params_before: int
@@ -111,6 +112,7 @@ class PruneReport:
     trials: int
     seconds: float
     layer_widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    heads: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def achieved_ratio(self) -> float:
@@ -121,6 +123,7 @@ class PruneReport:
         """JSON/W&B-friendly dict (widths as ``[before, after]`` lists)."""
         out = asdict(self)
         out["layer_widths"] = {k: list(v) for k, v in self.layer_widths.items()}
+        out["heads"] = {k: list(v) for k, v in self.heads.items()}
         out["achieved_ratio"] = self.achieved_ratio
         return out
 
@@ -286,9 +289,11 @@ class _Pruning:
         target: str,
         max_layer_ratio: float,
         round_to: int | None = None,
+        heads: dict[str, int] | None = None,
     ) -> None:
         self.model = model  # unpruned working copy, eval mode
         self.round_to = round_to
+        self.heads = dict(heads or {})
         self.inputs = example_inputs
         self.ignored_names = ignored_names
         self.target = target
@@ -300,15 +305,35 @@ class _Pruning:
         return [model.get_submodule(n) for n in self.ignored_names]
 
     def ratio_upper_bound(self) -> float:
-        """Largest uniform ratio keeping every group at >= (1 - max) of its width (and >= 1)."""
+        """Largest uniform ratio keeping every group at >= (1 - max) of its width (and >= 1).
+
+        A group whose channels come in ``g`` interleaved channel groups (GroupNorm with
+        ``g`` groups, a grouped convolution) is pruned by torch-pruning group-wise: each of
+        its ``n / g`` positions is kept or removed in every channel group, so the bound is
+        computed on ``n / g`` positions. Such a group with one position per channel group
+        (``GroupNorm(C, C)``) cannot be pruned at any ratio and does not bound it (above
+        its bound torch-pruning would empty the group and skips it: the kept fraction
+        jumped back to 1.0, which the search took for "unreachable"). Attention groups
+        (``attention_heads``) lose whole heads: at least one head (and ``1 - max`` of
+        them) is kept.
+        """
         dg = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.inputs)
         ignored = [s for m in self._ignored(self.model) for s in m.modules()]
+        head_layers = {self.model.get_submodule(n): h for n, h in self.heads.items()}
         bound = 1.0
+        for h in head_layers.values():
+            keep = max(1, math.ceil(h * (1.0 - self.max_layer_ratio) - 1e-9))
+            if keep < h:
+                bound = min(bound, (h - keep) / h)
         for group in dg.get_all_groups(
             ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]
         ):
-            n = len(group[0][1])
+            if any(dep.target.module in head_layers for dep, _ in group):
+                continue  # width inside heads is not pruned: whole heads are
+            n = len(group[0][1]) // _channel_groups(dg, group)
             keep = max(1, math.ceil(n * (1.0 - self.max_layer_ratio) - 1e-9))
+            if keep >= n:
+                continue  # never pruned
             bound = min(bound, 1.0 - keep / n)
         return max(0.0, bound - 1e-9)
 
@@ -317,6 +342,11 @@ class _Pruning:
         model = copy.deepcopy(self.model)
         if ratio <= 0.0:
             return model
+        heads = {model.get_submodule(n): h for n, h in self.heads.items()}
+        if heads:
+            # torch-pruning applies each step's cumulative head ratio to the heads that are
+            # left, so iterative steps would remove all heads: heads go in one step
+            steps = 1
         pruner = tp.pruner.BasePruner(
             model,
             self.inputs,
@@ -327,9 +357,19 @@ class _Pruning:
             iterative_steps=steps,
             iterative_pruning_ratio_scheduler=_tp_scheduler,
             ignored_layers=self._ignored(model),
+            # fresh dicts: torch-pruning's defaults are shared mutable dicts that would keep
+            # every trial copy alive and leak its channel groups into the next pruner
+            in_channel_groups={},
+            out_channel_groups={},
+            num_heads=heads,
+            prune_num_heads=bool(heads),
+            prune_head_dims=not heads,
+            head_pruning_ratio=ratio if heads else 0.0,
         )
         for _ in range(steps):
             pruner.step()
+        _write_head_counts(model, self.heads, {n: pruner.num_heads[m] for n, m in
+                                               ((n, model.get_submodule(n)) for n in self.heads)})
         return model
 
     def measure(self, model: nn.Module) -> float:
@@ -388,6 +428,81 @@ class _Pruning:
         if abs(f_lo_true - goal) <= abs(f_hi_true - goal):
             return lo, f_lo_true
         return hi, f_hi_true
+
+
+_HEAD_ATTRS = ("num_heads", "n_heads", "heads", "num_attention_heads")
+
+
+def _channel_groups(dg: tp.DependencyGraph, group: Any) -> int:
+    """Interleaved channel groups of a pruning group, as torch-pruning's ``BasePruner`` counts them.
+
+    GroupNorm ``num_groups`` and grouped (not depthwise) convolutions; the largest wins.
+    """
+    out = 1
+    for dep, _ in group:
+        m = dep.target.module
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels):
+            continue
+        get = pruner.get_out_channel_groups if dg.is_out_channel_pruning_fn(dep.handler) else pruner.get_in_channel_groups
+        try:
+            out = max(out, int(get(m)))
+        except Exception:  # a pruner without channel groups
+            continue
+    return out
+
+
+def _write_head_counts(model: nn.Module, before: dict[str, int], after: dict[str, int]) -> None:
+    """Give each attention module its new head count (``num_heads`` & co.) after head pruning.
+
+    The parent of the q/k/v (or fused qkv) layers usually reshapes with ``self.num_heads``;
+    with whole heads removed the head size is unchanged and the count must follow.
+    """
+    for name, h0 in before.items():
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        for attr in _HEAD_ATTRS:
+            if getattr(parent, attr, None) == h0 and not isinstance(getattr(parent, attr), bool):
+                setattr(parent, attr, after[name])
+
+
+def _check_heads(model: nn.Module, attention_heads: Mapping[nn.Module, int] | None) -> dict[str, int]:
+    """``{layer name: heads}`` of ``attention_heads`` (validated)."""
+    if not attention_heads:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, int] = {}
+    for layer, h in attention_heads.items():
+        if id(layer) not in names:
+            raise ValueError(f"attention_heads contains a module that is not part of model: {layer!r}")
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(
+                f"attention_heads: {names[id(layer)]} is a {type(layer).__name__}; give the q/k/v "
+                "(or fused qkv) nn.Linear layers of a hand-written attention (nn.MultiheadAttention "
+                "needs no entry: torch-pruning shrinks its head size)"
+            )
+        if not isinstance(h, int) or isinstance(h, bool) or h < 1 or layer.out_features % h:
+            raise ValueError(
+                f"attention_heads[{names[id(layer)]}] must be an int >= 1 dividing its "
+                f"{layer.out_features} outputs, got {h!r}"
+            )
+        out[names[id(layer)]] = h
+    return out
+
+
+def _check_forward(model: nn.Module, inputs: Any) -> None:
+    """Run the pruned model once; a broken forward becomes an error that says what to do."""
+    try:
+        with torch.no_grad():
+            model(*inputs) if isinstance(inputs, tuple | list) else model(inputs)
+    except Exception as exc:
+        raise ValueError(
+            f"the pruned model's forward fails ({type(exc).__name__}: {exc}). A forward that "
+            "reshapes with a fixed head count (hand-written attention) needs "
+            "attention_heads={q_layer: heads, k_layer: heads, v_layer: heads} (or "
+            "{qkv_layer: heads}) so whole heads are removed; otherwise add the layers whose "
+            "width must not change to ignored_layers"
+        ) from exc
 
 
 def _check_target(params_ratio: float | None, macs_ratio: float | None) -> tuple[str, float, str]:
@@ -458,6 +573,7 @@ def prune(
     calibration_loader: Iterable[Any] | None = None,
     bn_batches: int = 20,
     round_to: int | None = None,
+    attention_heads: Mapping[nn.Module, int] | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Channel-prune a float model to a parameter or MAC budget.
 
@@ -485,6 +601,15 @@ def prune(
             (onnxruntime's QLinearConv, most NPUs) run odd widths far slower: a
             ResNet-8 pruned to widths like 15/30/61 ran int8 barely faster than float.
             Coarser widths make the target harder to hit exactly.
+        attention_heads: ``{layer: heads}`` for the q/k/v (or fused qkv) ``nn.Linear``
+            layers of hand-written attention. Their whole heads are removed (at the same
+            uniform ratio as channels, at least one head kept) instead of channels inside
+            heads, and the parent module's ``num_heads`` (or ``n_heads``/``heads``)
+            attribute is set to the new count, so a forward reshaping to
+            ``(b, n, self.num_heads, self.head_dim)`` stays valid. ``nn.MultiheadAttention``
+            needs no entry (torch-pruning shrinks its head size consistently). With heads the
+            pruning runs in one step (torch-pruning's iterative head schedule would remove
+            every head).
 
     Returns:
         ``(pruned_model, report)``; ``report.achieved_ratio`` is within 0.03 of the
@@ -502,11 +627,12 @@ def prune(
     _check_counts(iterative_steps, max_layer_ratio, bn_batches, round_to)
     imp_name, imp_factory = _importance_factory(importance)
     ignored_names = _ignored_names(model, ignored_layers)
+    heads = _check_heads(model, attention_heads)
 
     was_training = model.training
     work = copy.deepcopy(model).eval()  # eval: tracing forwards must not touch BN stats
     inputs = _to_device(example_inputs, _model_device(work))
-    state = _Pruning(work, inputs, ignored_names, target, max_layer_ratio, round_to)
+    state = _Pruning(work, inputs, ignored_names, target, max_layer_ratio, round_to, heads)
     widths_before = _widths(work)
 
     r_max = state.ratio_upper_bound()
@@ -527,6 +653,7 @@ def prune(
             stacklevel=2,
         )
 
+    _check_forward(pruned, inputs)
     if calibration_loader is not None:
         recalibrate_batchnorm(pruned, calibration_loader, bn_batches)
     pruned.train(was_training)
@@ -544,9 +671,11 @@ def prune(
         target=target,
         target_ratio=goal,
         importance=imp_name,
-        iterative_steps=iterative_steps,
+        iterative_steps=1 if heads else iterative_steps,
         trials=state.trials,
         seconds=time.perf_counter() - start,
         layer_widths={n: (w, widths_after.get(n, 0)) for n, w in widths_before.items()},
+        heads={n: (h, pruned.get_submodule(n).out_features // (work.get_submodule(n).out_features // h))
+               for n, h in heads.items()},
     )
     return pruned, report

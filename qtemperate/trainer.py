@@ -37,6 +37,7 @@ from qtemperate.checkpoint import load_checkpoint, save_atomic, save_student
 from qtemperate.data import DataBundle, RunLoaders, build_datasets, build_run_loaders
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
+from qtemperate.quantization.report import quantization_summary
 from qtemperate.recipe import Recipe
 from qtemperate.size import SizeReport, model_size
 from qtemperate.tracking import MetricLogger, build_loggers
@@ -180,7 +181,8 @@ class Trainer:
             idx = sched.stage_index(epoch)
             stage = sched.stages[idx]
             if idx != stage_idx:
-                student = enter_stage(student, stage, quantized_now, r.student, device, loaders.calib)
+                student = enter_stage(student, stage, quantized_now, r.student, device, loaders.calib,
+                                      report_dir=self.run_dir, say=self.console.say)
                 quantized_now = quantized_now or stage.quantized
                 stage_idx = idx
                 opt = build_optimizer(student, r.optimizer, stage.lr or r.optimizer.lr)
@@ -224,6 +226,7 @@ class Trainer:
         export = self._export(student, teacher, bundle)
         prog.elapsed_s += time.perf_counter() - t_start
         summary = self._summary(teacher_acc, student_acc, t_size, s_size, plan, prog, export)
+        summary.update(quantization_summary(student))  # float leftovers, real activation bits
         (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
         logger.log_summary(summary)
         cols = ["name", "weight_bits", "act_bits", "epochs", "final_T", "accuracy", "bytes"]

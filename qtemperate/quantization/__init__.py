@@ -78,6 +78,12 @@ from qtemperate.quantization.layers import QuantResidualAdd as QuantResidualAdd
 from qtemperate.quantization.layers import ResidualAddMarker as ResidualAddMarker
 from qtemperate.quantization.layers import is_quantized as is_quantized
 from qtemperate.quantization.layers import quantize_bias as quantize_bias
+from qtemperate.quantization.ops import QuantActivation as QuantActivation
+from qtemperate.quantization.ops import QuantConcat as QuantConcat
+from qtemperate.quantization.ops import QuantMul as QuantMul
+from qtemperate.quantization.ops import QuantNormInput as QuantNormInput
+from qtemperate.quantization.ops import QuantRequant as QuantRequant
+from qtemperate.quantization.proxies import BitWidthError as BitWidthError
 from qtemperate.quantization.quantizers import (
     Int8ActPerTensorFloatStatefulBitWidth as Int8ActPerTensorFloatStatefulBitWidth,
 )
@@ -90,19 +96,32 @@ from qtemperate.quantization.quantizers import (
 from qtemperate.quantization.quantizers import (
     Uint8ActPerTensorFloatStatefulBitWidth as Uint8ActPerTensorFloatStatefulBitWidth,
 )
+from qtemperate.quantization.report import FloatLeftoverError as FloatLeftoverError
+from qtemperate.quantization.report import LayerQuantization as LayerQuantization
+from qtemperate.quantization.report import QuantizationReport as QuantizationReport
+from qtemperate.quantization.report import quantization_report as quantization_report
 
 __all__ = [
     "MAX_BITS",
     "MIN_BITS",
+    "BitWidthError",
+    "FloatLeftoverError",
     "Int8ActPerTensorFloatStatefulBitWidth",
     "Int8WeightPerChannelFloatStatefulBitWidth",
     "Int8WeightPerTensorFloatStatefulBitWidth",
+    "LayerQuantization",
+    "QuantActivation",
     "QuantAvgPoolRequant",
+    "QuantConcat",
     "QuantConfig",
     "QuantConv1d",
     "QuantConv2d",
     "QuantLinear",
+    "QuantMul",
+    "QuantNormInput",
+    "QuantRequant",
     "QuantResidualAdd",
+    "QuantizationReport",
     "ResidualAddMarker",
     "Uint8ActPerTensorFloatStatefulBitWidth",
     "calibrate",
@@ -110,6 +129,7 @@ __all__ = [
     "get_bit_widths",
     "get_quant_config",
     "is_quantized",
+    "quantization_report",
     "quantize",
     "quantize_bias",
     "set_bit_width",

@@ -65,6 +65,7 @@ __all__ = [
     "LayerQuantization",
     "QuantizationReport",
     "quantization_report",
+    "quantization_summary",
     "refuse_quantized",
 ]
 
@@ -208,6 +209,18 @@ def _bits(module: nn.Module | None, attr: str) -> int | None:
     return proxy_bits(enabled_proxy(module, attr))
 
 
+def _bias_note(m: nn.Module) -> str:
+    """A float bias that the export's integer kernels will round but PyTorch does not."""
+    from qtemperate.quantization.layers import _IntBiasMixin
+
+    if getattr(m, "bias", None) is None or isinstance(m, _IntBiasMixin) or _bits(m, "bias_quant"):
+        return ""
+    return (
+        "float bias: onnxruntime's integer kernels round it to the int32 grid s_x*s_w, "
+        "PyTorch does not (bias_quant=Int32Bias makes both round it)"
+    )
+
+
 def _identity_bits(q: nn.Module | None) -> int | None:
     """Bits of a QuantIdentity-like quantizer module (None for nn.Identity / disabled)."""
     return _bits(q, "act_quant") if q is not None else None
@@ -233,6 +246,34 @@ class _Walk:
         reason = note if quantized else reason_if_float
         self.rows.append(LayerQuantization(_name(node), op, w, a, "quantized" if quantized else "float", reason))
 
+    def requantized_by(self, node: fx.Node) -> int | None:
+        """Bits of the quantizer(s) that every use of ``node`` goes into (through data moves).
+
+        An op between quantizers (an average pool, a mean, a softmax whose output only
+        feeds a quantizer, on quantized inputs) is quantized like
+        :class:`~qtemperate.quantization.ops.QuantRequant`.
+        """
+        bits: set[int | None] = set()
+        frontier, seen = list(node.users), set()
+        while frontier:
+            user = frontier.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            mod = self.modules.get(str(user.target)) if user.op == "call_module" else None
+            moves = (user.op == "call_method" and user.target in _MOVE_METHODS) or (
+                user.op == "call_function" and user.target in _MOVE_FUNCTIONS
+            ) or isinstance(mod, _MOVE_MODULES)
+            if moves:
+                frontier.extend(user.users)
+            elif isinstance(mod, _ACT_MODULES) and type(mod).__name__ == "QuantIdentity":
+                bits.add(_bits(mod, "act_quant") or _bits(mod, "input_quant"))
+            elif isinstance(mod, QuantLayerMixin) and _bits(mod, "input_quant") is not None:
+                bits.add(_bits(mod, "input_quant"))
+            else:
+                return None
+        return bits.pop() if len(bits) == 1 else None
+
     def run(self) -> None:
         for node in self.gm.graph.nodes:
             if node.op == "call_module":
@@ -254,6 +295,13 @@ class _Walk:
             return
         self.grid[node] = None
         on_grid = bool(ins) and all(self.grid.get(i) is not None for i in ins)
+        requant = self.requantized_by(node) if on_grid else None
+        if requant is not None:
+            self.rows.append(LayerQuantization(
+                _name(node), _op_name(node), None, requant, "quantized",
+                "computes in float between quantizers (quantized inputs, requantized output)",
+            ))
+            return
         where = "on quantized inputs" if on_grid else "on float inputs"
         self.rows.append(
             LayerQuantization(
@@ -279,7 +327,7 @@ class _Walk:
             a = _bits(m, "input_quant") or first
             out = _bits(m, "output_quant")
             reason = "weight not quantized" if w is None else "input activations not quantized"
-            self.add(node, kind, 32 if w is None else w, a, reason)
+            self.add(node, kind, 32 if w is None else w, a, reason, _bias_note(m))
         elif isinstance(m, QuantMultiheadAttention):
             projs = [p for p in (m.in_proj, m.q_proj, m.k_proj, m.v_proj, m.out_proj) if p is not None]
             ws = [_bits(p, "weight_quant") for p in projs]
@@ -330,7 +378,9 @@ class _Walk:
                 f"no quantized replacement for {kind}")
             self.add(node, kind, 32, None, what)
         else:
-            self.add(node, kind, None, None, f"no quantizer: {kind} computes in float")
+            requant = self.requantized_by(node) if first is not None else None
+            self.add(node, kind, None, requant, f"no quantizer: {kind} computes in float",
+                     "computes in float between quantizers (quantized inputs, requantized output)")
         self.grid[node] = out
 
 
@@ -389,3 +439,22 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
         "the model is not FX-traceable: functional operations in forward() were not inspected",
     ))
     return QuantizationReport(rows, traced=False)
+
+
+def quantization_summary(model: nn.Module) -> dict[str, Any]:
+    """``summary.json``'s record of what is really quantized in ``model``.
+
+    Returns:
+        ``float_ops``: names of the operations that stay float (``[]`` when fully
+        quantized); ``quantized_ops``: how many are quantized; ``act_bits_used``: the
+        distinct activation bit widths of the quantized operations (``[]`` when no
+        activation is quantized), so an activation width is only reported where a
+        quantizer applies it.
+    """
+    report = quantization_report(model)
+    quantized = [r for r in report.rows if r.status == "quantized"]
+    return {
+        "float_ops": [r.name for r in report.float_ops],
+        "quantized_ops": len(quantized),
+        "act_bits_used": sorted({r.act_bits for r in quantized if r.act_bits is not None}),
+    }
