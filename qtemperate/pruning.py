@@ -366,8 +366,14 @@ class _Pruning:
             prune_head_dims=not heads,
             head_pruning_ratio=ratio if heads else 0.0,
         )
-        for _ in range(steps):
-            pruner.step()
+        try:
+            for _ in range(steps):
+                pruner.step()
+        except (IndexError, RuntimeError, KeyError) as exc:  # torch-pruning lost track of a dim
+            hint = _HEADS_GIVEN_HINT if heads else _PRUNING_HINT
+            raise ValueError(
+                f"torch-pruning failed on this model ({type(exc).__name__}: {exc}). {hint}"
+            ) from exc
         _write_head_counts(model, self.heads, {n: pruner.num_heads[m] for n, m in
                                                ((n, model.get_submodule(n)) for n in self.heads)})
         return model
@@ -490,6 +496,22 @@ def _check_heads(model: nn.Module, attention_heads: Mapping[nn.Module, int] | No
     return out
 
 
+_PRUNING_HINT = (
+    "A forward that reshapes with a fixed head count or width (hand-written attention) "
+    "needs attention_heads={q_layer: heads, k_layer: heads, v_layer: heads} (or "
+    "{qkv_layer: heads}) so whole heads are removed, and must reshape with -1 rather than a "
+    "width captured before pruning; otherwise add the layers whose width must not change "
+    "to ignored_layers"
+)
+
+
+_HEADS_GIVEN_HINT = (
+    "It could not follow the attention even with attention_heads: split q/k/v with "
+    "qkv.unbind(0) rather than by indexing, reshape with -1 rather than a width captured "
+    "before pruning, or put the attention's layers in ignored_layers"
+)
+
+
 def _check_forward(model: nn.Module, inputs: Any) -> None:
     """Run the pruned model once; a broken forward becomes an error that says what to do."""
     try:
@@ -497,11 +519,7 @@ def _check_forward(model: nn.Module, inputs: Any) -> None:
             model(*inputs) if isinstance(inputs, tuple | list) else model(inputs)
     except Exception as exc:
         raise ValueError(
-            f"the pruned model's forward fails ({type(exc).__name__}: {exc}). A forward that "
-            "reshapes with a fixed head count (hand-written attention) needs "
-            "attention_heads={q_layer: heads, k_layer: heads, v_layer: heads} (or "
-            "{qkv_layer: heads}) so whole heads are removed; otherwise add the layers whose "
-            "width must not change to ignored_layers"
+            f"the pruned model's forward fails ({type(exc).__name__}: {exc}). {_PRUNING_HINT}"
         ) from exc
 
 

@@ -360,3 +360,15 @@ def test_attention_heads_are_validated() -> None:
     mha = MHAClassifier().eval()
     with pytest.raises(ValueError, match=r"nn\.MultiheadAttention needs no entry"):
         prune(mha, x, target_params_ratio=0.6, attention_heads={mha.attn: 4})
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters")
+def test_attention_torch_pruning_cannot_follow_is_an_error_that_says_what_to_do() -> None:
+    from tests.quantization.architectures import FusedQKVClassifier
+
+    model = FusedQKVClassifier().eval()
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"IndexError.*attention_heads=\{q_layer"):  # was a bare IndexError
+        prune(model, x, target_params_ratio=0.8)
+    with pytest.raises(ValueError, match=r"even with attention_heads: split q/k/v with qkv\.unbind"):
+        prune(model, x, target_params_ratio=0.8, attention_heads={model.attn.qkv: 4})

@@ -13,7 +13,21 @@ float module                   quantized replacement
 ``ResidualAdd`` (see below)    :class:`QuantResidualAdd`: one shared signed quantizer for both inputs
 ``nn.AdaptiveAvgPool2d`` /     :class:`QuantAvgPoolRequant`: the pool followed by a requantizing
 ``nn.AvgPool2d``               ``QuantIdentity`` so the classifier receives integer input
+activations, ``cat``, ``a*b``,  :mod:`.ops` (:class:`QuantActivation`, :class:`QuantConcat`,
+means, bilinear upsampling,     :class:`QuantMul`, :class:`QuantRequant`,
+norms, multi-head attention     :class:`QuantNormInput`, Brevitas ``QuantMultiheadAttention``);
+                                the decisions are in :mod:`.coverage`
 =============================  ==========================================================
+
+Functional calls of a forward (``F.relu6(x)``, ``torch.cat``, ``x * y``, ``x + y``) are
+turned into modules first (:mod:`.functional`), and a conv/linear whose input is not the
+output of a quantizer (a sum, a product, a normalized tensor) gets its own input quantizer.
+:func:`quantization_report` lists every operation of any model — quantized or float, and
+why — and ``quantize(..., strict=True)`` refuses float leftovers.
+
+:func:`get_bit_widths`, :func:`set_bit_width` and :func:`get_quant_config` also work on
+models built from stock ``brevitas.nn`` layers (:mod:`.proxies`, :mod:`.foreign`) and
+on torch.ao QAT models (:mod:`.torch_ao`).
 
 The layers that read the model input get an 8-bit signed ``input_quant`` so the first
 convolution already runs on integers in the exported ONNX graph.

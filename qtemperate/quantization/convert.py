@@ -111,7 +111,7 @@ def calibrate(qmodel: nn.Module, loader: Iterable, batches: int = 8) -> int:
     """
     if batches < 1:
         raise ValueError(f"calibration_batches must be >= 1, got {batches}")
-    device = next(qmodel.parameters()).device
+    device = next((t.device for t in (*qmodel.parameters(), *qmodel.buffers())), torch.device("cpu"))
     was_training = qmodel.training
     qmodel.eval()
     used = 0
@@ -142,10 +142,20 @@ def quantize(
 ) -> nn.Module | tuple[nn.Module, QuantizationReport]:
     """Return a Brevitas QAT copy of ``model`` (the input model is not modified).
 
-    Steps: deep copy; fold BatchNorm into convolutions (:func:`fold_batch_norms`); replace
-    Conv/Linear/ReLU/ResidualAdd/avg-pool modules by quantized ones (see module docstring);
-    give the layers that read the model input an 8-bit input quantizer; optionally
-    calibrate activation thresholds on ``calibration_batches`` batches (:func:`calibrate`).
+    Steps: deep copy; fold BatchNorm into convolutions (:func:`fold_batch_norms`); turn
+    functional calls of the forward (``F.relu6``, ``torch.cat``, ``x * y``, ``x + y`` ...)
+    into modules (:mod:`~qtemperate.quantization.functional`; the model becomes a
+    ``torch.fx.GraphModule`` with the same submodule names when there are any); replace
+    Conv/Linear/ReLU/ResidualAdd/avg-pool modules by quantized ones (see module docstring)
+    and every other operation vision models use by its quantized form (activations,
+    concatenations, products, means, upsampling, normalizations, ``nn.MultiheadAttention``:
+    :mod:`~qtemperate.quantization.coverage`); give the layers that read the model input an
+    8-bit input quantizer and every other conv/linear whose input is not a quantizer output
+    an ``act_bits`` one; optionally calibrate activation thresholds on
+    ``calibration_batches`` batches (:func:`calibrate`). Only modules the forward calls are
+    replaced (the projections inside ``nn.MultiheadAttention`` are not: it is replaced
+    whole). Whatever stays float is listed by the quantization report
+    (:func:`~qtemperate.quantization.quantization_report`).
 
     Each quantized conv/linear carries a ``qtemperate_role`` attribute (``"first"``,
     ``"last"``, ``"first_last"`` or ``"inner"``); :func:`get_quant_config` reads the
@@ -162,13 +172,20 @@ def quantize(
             training-mode forward passes (300 by default), so an uncalibrated model is only
             meaningful in eval mode after some training steps.
         calibration_batches: batches used for calibration.
+        strict: raise :class:`~qtemperate.quantization.FloatLeftoverError` (naming every
+            operation) when any operation stays float.
+        return_report: also return the
+            :class:`~qtemperate.quantization.QuantizationReport` of the quantized model.
 
     Returns:
-        The quantized model, in the same train/eval mode as ``model``.
+        The quantized model, in the same train/eval mode as ``model``; with
+        ``return_report=True`` the tuple ``(model, report)``.
 
     Raises:
         ValueError: for bit widths outside 2..8 (32 = float: do not call quantize), for an
-            already quantized model, or for ``calibration_batches < 1``.
+            already quantized model (Brevitas: use :func:`set_bit_width`; torch.ao: use it
+            as it is), or for ``calibration_batches < 1``.
+        FloatLeftoverError: with ``strict=True``, when an operation stays float.
     """
     QuantConfig(weight_bits, act_bits, first_last_bits, per_channel)  # validates the bits
     if calibration_batches < 1:

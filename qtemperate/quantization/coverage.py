@@ -18,6 +18,8 @@ replaced:
   (:class:`~qtemperate.quantization.ops.QuantNormInput`);
 * ``nn.MultiheadAttention`` becomes Brevitas's ``QuantMultiheadAttention`` (quantized
   input/output projections, q/k/v, attention weights), with the float weights loaded;
+* transposed convolutions (U-Net decoders) become Brevitas's ``QuantConvTranspose1d/2d``
+  with an input quantizer and an int32 bias (always inner layers: they keep ``weight_bits``);
 * a **conv/linear whose input is not a quantizer output** (a residual sum, a product, a
   concatenation, a normalization, an upsampled or float tensor) gets its own input
   quantizer at the activation bit width, so every weight layer reads integers. Only
@@ -226,12 +228,50 @@ def quant_mha(mha: nn.MultiheadAttention, weight_bits: int, act_bits: int, per_c
     return new
 
 
+def quant_conv_transpose(
+    conv: nn.ConvTranspose1d | nn.ConvTranspose2d, weight_bits: int, act_bits: int, per_channel: bool
+) -> nn.Module:
+    """Brevitas ``QuantConvTranspose1d/2d`` with its own input quantizer and an int32 bias.
+
+    The bias is quantized by Brevitas (``Int32Bias``: ``s_b = s_x * s_w``) in PyTorch and in
+    the export alike, so an integer runtime fusing the transposed convolution rounds nothing
+    that PyTorch did not.
+    """
+    from brevitas.quant import Int32Bias
+
+    if conv.padding_mode != "zeros" or conv.output_padding != tuple(0 for _ in conv.output_padding):
+        raise ValueError(
+            f"{type(conv).__name__} with padding_mode={conv.padding_mode!r}, "
+            f"output_padding={conv.output_padding} has no quantized replacement"
+        )
+    cls = qnn.QuantConvTranspose2d if isinstance(conv, nn.ConvTranspose2d) else qnn.QuantConvTranspose1d
+    weight_quant = (
+        Int8WeightPerChannelFloatStatefulBitWidth if per_channel else Int8WeightPerTensorFloatStatefulBitWidth
+    )
+    new = cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+        weight_quant=weight_quant, weight_bit_width=weight_bits,
+        input_quant=Int8ActPerTensorFloatStatefulBitWidth, input_bit_width=act_bits,
+        bias_quant=Int32Bias if conv.bias is not None else None, return_quant_tensor=False,
+        dtype=conv.weight.dtype, device=conv.weight.device,
+    )
+    with torch.no_grad():
+        new.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    setattr(new, ROLE_ATTR, "inner")
+    return new
+
+
 def replacement(
     name: str, mod: nn.Module, facts: GraphFacts, weight_bits: int, act_bits: int, per_channel: bool
 ) -> nn.Module | None:
     """The quantized module for ``mod`` (see the module docstring), or None to leave it."""
     if type(mod) is nn.MultiheadAttention:
         return quant_mha(mod, weight_bits, act_bits, per_channel)
+    if type(mod) in (nn.ConvTranspose1d, nn.ConvTranspose2d):
+        return quant_conv_transpose(mod, weight_bits, act_bits, per_channel)
     if isinstance(mod, nn.ReLU):
         return None  # conv.py's QuantReLU
     if isinstance(mod, _ACTIVATIONS):

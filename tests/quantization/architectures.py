@@ -238,3 +238,50 @@ class HandAttentionClassifier(nn.Module):
         t = t + self.attn(self.norm1(t))
         t = t + self.mlp(self.norm2(t))
         return self.fc(t.mean(1))
+
+
+class TransposedUNet(nn.Module):
+    """A U-Net decoder that upsamples with a transposed convolution."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        w = width
+        self.enc1 = _cbr(1, w)
+        self.enc2 = _cbr(w, 2 * w)
+        self.up = nn.ConvTranspose2d(2 * w, w, 2, stride=2)
+        self.dec = _cbr(2 * w, w)
+        self.head = nn.Conv2d(w, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s1 = self.enc1(x)
+        u = self.up(self.enc2(F.max_pool2d(s1, 2)))
+        return self.head(self.dec(torch.cat([u, s1], 1))).mean((2, 3))
+
+
+class FusedQKVAttention(nn.Module):
+    """timm-style attention: one qkv Linear, indexing into q/k/v, the width captured as ``c``."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class FusedQKVClassifier(nn.Module):
+    def __init__(self, num_classes: int = 10, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.tokens = _Tokens(dim)
+        self.attn = FusedQKVAttention(dim, heads)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tokens(x)
+        return self.fc((t + self.attn(t)).mean(1))

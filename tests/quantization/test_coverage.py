@@ -37,6 +37,7 @@ from tests.quantization.architectures import (
     HandAttentionClassifier,
     MHAClassifier,
     MobileNetV2ish,
+    TransposedUNet,
 )
 from tests.quantization.checks import independent_bytes, onnx_int4_weights, onnx_integer_weights
 
@@ -52,6 +53,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], float, Callable | None, set[str]
     "mobilenet_v2": (MobileNetV2ish, 0.6, None, set()),
     "efficientnet_block": (EfficientNetish, 0.6, None, set()),
     "dense_unet": (DenseUNet, 0.6, None, set()),
+    "transposed_conv_unet": (TransposedUNet, 0.6, None, set()),
     # GroupNorm(8, 16): 2 channels per group, pruned group-wise: the kept fraction moves
     # in coarse steps (1.0, 0.51, 0.26); 0.5 is reachable
     "groupnorm_cnn": (GroupNormCNN, 0.5, None, set()),
@@ -211,3 +213,17 @@ class _Wrap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mha(x, x, x)[0]
+
+
+def test_a_rewritten_student_round_trips_through_student_pt(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from qtemperate.checkpoint import load_student, save_student
+
+    arch = EfficientNetish().eval()
+    q = quantize(arch, 8, 8, calibration_loader=[torch.randn(16, 1, 8, 8)])
+    set_bit_width(q, 4, 4)
+    save_student(tmp_path / "student.pt", arch, q, 4, 4, 8, True)
+    loaded, _ = load_student(tmp_path / "student.pt")  # quantize(arch) again + the state dict
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q.eval()(x))
+    assert quantization_report(loaded).rows == quantization_report(q).rows
