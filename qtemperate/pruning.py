@@ -374,8 +374,8 @@ class _Pruning:
             raise ValueError(
                 f"torch-pruning failed on this model ({type(exc).__name__}: {exc}). {hint}"
             ) from exc
-        _write_head_counts(model, self.heads, {n: pruner.num_heads[m] for n, m in
-                                               ((n, model.get_submodule(n)) for n in self.heads)})
+        after = {n: pruner.num_heads[model.get_submodule(n)] for n in self.heads}
+        _write_head_counts(model, self.heads, after)
         return model
 
     def measure(self, model: nn.Module) -> float:
@@ -450,7 +450,8 @@ def _channel_groups(dg: tp.DependencyGraph, group: Any) -> int:
         pruner = dg.get_pruner_of_module(m)
         if pruner is None or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels):
             continue
-        get = pruner.get_out_channel_groups if dg.is_out_channel_pruning_fn(dep.handler) else pruner.get_in_channel_groups
+        out_fn = dg.is_out_channel_pruning_fn(dep.handler)
+        get = pruner.get_out_channel_groups if out_fn else pruner.get_in_channel_groups
         try:
             out = max(out, int(get(m)))
         except Exception:  # a pruner without channel groups
@@ -693,7 +694,9 @@ def prune(
         trials=state.trials,
         seconds=time.perf_counter() - start,
         layer_widths={n: (w, widths_after.get(n, 0)) for n, w in widths_before.items()},
-        heads={n: (h, pruned.get_submodule(n).out_features // (work.get_submodule(n).out_features // h))
-               for n, h in heads.items()},
+        heads={
+            n: (h, pruned.get_submodule(n).out_features // (work.get_submodule(n).out_features // h))
+            for n, h in heads.items()
+        },
     )
     return pruned, report

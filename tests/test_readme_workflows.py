@@ -21,11 +21,14 @@ def _section_code(heading: str) -> str:
     return blocks[0]
 
 
-def _run(heading: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple[dict, str]:
+def _run(
+    heading: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> tuple[dict, str]:
     monkeypatch.chdir(tmp_path)
     gen = torch.Generator().manual_seed(0)
     batches = [
-        (torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(2)
+        (torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+        for _ in range(2)
     ]
     ns: dict = {"train_loader": batches}
     with warnings.catch_warnings():
@@ -34,7 +37,9 @@ def _run(heading: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
     return ns, capsys.readouterr().out
 
 
-def test_your_brevitas_model_section_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_your_brevitas_model_section_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
     from qtemperate import get_bit_widths, model_size, quantization_report
 
     ns, out = _run("Your Brevitas model", tmp_path, monkeypatch, capsys)
@@ -51,7 +56,9 @@ def test_your_brevitas_model_section_runs(tmp_path: Path, monkeypatch: pytest.Mo
     assert out.strip().splitlines()[-1] == "1.0"  # onnxruntime agrees on every sample
 
 
-def test_your_torch_ao_model_section_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_your_torch_ao_model_section_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
     ns, out = _run("Your torch.ao model", tmp_path, monkeypatch, capsys)
     bits = eval(out.splitlines()[0])  # the printed model_size(student).bits
     assert {b for n, b in bits.items() if not n.endswith(".bn")} == {4, 8}

@@ -77,7 +77,9 @@ def get_bit_widths(qmodel: nn.Module) -> dict[str, dict[str, int | None]]:
     return out
 
 
-def _planned_changes(qmodel: nn.Module, weight_bits: int, act_bits: int) -> list[tuple[nn.Module, int, str]]:
+def _planned_changes(
+    qmodel: nn.Module, weight_bits: int, act_bits: int
+) -> list[tuple[nn.Module, int, str]]:
     """``(proxy, bits, "layer.attr")`` for every quantizer the policy switches."""
     roles = layer_roles(qmodel)
     changes: list[tuple[nn.Module, int, str]] = []
@@ -86,7 +88,9 @@ def _planned_changes(qmodel: nn.Module, weight_bits: int, act_bits: int) -> list
         if weight is not None and roles.role(name) == "inner":
             changes.append((weight, weight_bits, f"{name}.weight_quant"))
         inp = enabled_proxy(m, "input_quant")
-        model_input = (weight is not None and roles.reads_model_input(name)) or name in roles.input_quantizers
+        model_input = (
+            weight is not None and roles.reads_model_input(name)
+        ) or name in roles.input_quantizers
         if inp is not None and not model_input:
             changes.append((inp, act_bits, f"{name}.input_quant"))
         act = enabled_proxy(m, "act_quant")
@@ -170,7 +174,9 @@ def get_quant_config(qmodel: nn.Module) -> QuantConfig:
                 per_channel = m.quant_weight().scale.numel() > 1
         inp = proxy_bits(enabled_proxy(m, "input_quant"))
         if inp is not None:
-            model_input = (weight is not None and roles.reads_model_input(name)) or name in roles.input_quantizers
+            model_input = (
+                weight is not None and roles.reads_model_input(name)
+            ) or name in roles.input_quantizers
             (inputs if model_input else acts).append(inp)
         act = proxy_bits(enabled_proxy(m, "act_quant"))
         if act is not None:

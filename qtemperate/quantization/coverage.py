@@ -71,10 +71,22 @@ _NEAREST = ("nearest", "nearest-exact")
 # Ops whose output is on the grid of their (single) input's quantizer, for a product's input.
 _GRID_PRESERVING_MODULES = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten)
 _GRID_PRESERVING_METHODS = (
-    "flatten", "view", "reshape", "contiguous", "permute", "transpose", "squeeze", "unsqueeze",
+    "flatten",
+    "view",
+    "reshape",
+    "contiguous",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
 )
 _GRID_PRESERVING_FUNCTIONS = (
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
 )
 
 
@@ -112,7 +124,15 @@ def _quantizer_output(m: nn.Module | None) -> bool:
         return False
     if _is_nearest(m):
         return False
-    producers = (nn.ReLU, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, Mean, nn.Upsample)
+    producers = (
+        nn.ReLU,
+        nn.AvgPool1d,
+        nn.AvgPool2d,
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+        Mean,
+        nn.Upsample,
+    )
     return isinstance(m, (*producers, *_ACTIVATIONS))
 
 
@@ -144,7 +164,9 @@ class GraphFacts:
             if self._on_grid(node, mod, first):
                 self.on_grid.add(node)
 
-    def _unsigned(self, node: fx.Node, mod: nn.Module | None, ins: list[fx.Node], first: fx.Node | None) -> bool:
+    def _unsigned(
+        self, node: fx.Node, mod: nn.Module | None, ins: list[fx.Node], first: fx.Node | None
+    ) -> bool:
         if mod is not None:
             if _is_unsigned_activation(mod):
                 return True
@@ -179,10 +201,14 @@ def graph_facts(gm: fx.GraphModule | None, modules: dict[str, nn.Module]) -> Gra
     return GraphFacts(gm, modules)
 
 
-def quant_mha(mha: nn.MultiheadAttention, weight_bits: int, act_bits: int, per_channel: bool) -> nn.Module:
+def quant_mha(
+    mha: nn.MultiheadAttention, weight_bits: int, act_bits: int, per_channel: bool
+) -> nn.Module:
     """Brevitas ``QuantMultiheadAttention`` with qtemperate's stateful quantizers and ``mha``'s weights."""
     weight_quant = (
-        Int8WeightPerChannelFloatStatefulBitWidth if per_channel else Int8WeightPerTensorFloatStatefulBitWidth
+        Int8WeightPerChannelFloatStatefulBitWidth
+        if per_channel
+        else Int8WeightPerTensorFloatStatefulBitWidth
     )
     act = Int8ActPerTensorFloatStatefulBitWidth
     new = qnn.QuantMultiheadAttention(
@@ -229,7 +255,10 @@ def quant_mha(mha: nn.MultiheadAttention, weight_bits: int, act_bits: int, per_c
 
 
 def quant_conv_transpose(
-    conv: nn.ConvTranspose1d | nn.ConvTranspose2d, weight_bits: int, act_bits: int, per_channel: bool
+    conv: nn.ConvTranspose1d | nn.ConvTranspose2d,
+    weight_bits: int,
+    act_bits: int,
+    per_channel: bool,
 ) -> nn.Module:
     """Brevitas ``QuantConvTranspose1d/2d`` with its own input quantizer and an int32 bias.
 
@@ -244,17 +273,33 @@ def quant_conv_transpose(
             f"{type(conv).__name__} with padding_mode={conv.padding_mode!r}, "
             f"output_padding={conv.output_padding} has no quantized replacement"
         )
-    cls = qnn.QuantConvTranspose2d if isinstance(conv, nn.ConvTranspose2d) else qnn.QuantConvTranspose1d
+    cls = (
+        qnn.QuantConvTranspose2d
+        if isinstance(conv, nn.ConvTranspose2d)
+        else qnn.QuantConvTranspose1d
+    )
     weight_quant = (
-        Int8WeightPerChannelFloatStatefulBitWidth if per_channel else Int8WeightPerTensorFloatStatefulBitWidth
+        Int8WeightPerChannelFloatStatefulBitWidth
+        if per_channel
+        else Int8WeightPerTensorFloatStatefulBitWidth
     )
     new = cls(
-        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-        weight_quant=weight_quant, weight_bit_width=weight_bits,
-        input_quant=Int8ActPerTensorFloatStatefulBitWidth, input_bit_width=act_bits,
-        bias_quant=Int32Bias if conv.bias is not None else None, return_quant_tensor=False,
-        dtype=conv.weight.dtype, device=conv.weight.device,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        weight_quant=weight_quant,
+        weight_bit_width=weight_bits,
+        input_quant=Int8ActPerTensorFloatStatefulBitWidth,
+        input_bit_width=act_bits,
+        bias_quant=Int32Bias if conv.bias is not None else None,
+        return_quant_tensor=False,
+        dtype=conv.weight.dtype,
+        device=conv.weight.device,
     )
     with torch.no_grad():
         new.weight.copy_(conv.weight)

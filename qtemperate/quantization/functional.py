@@ -77,7 +77,16 @@ METHOD_TO_MODULE: tuple[tuple[str, type[nn.Module]], ...] = (
 _ADD_FNS = (operator.add, operator.iadd, torch.add)
 _MUL_FNS = (operator.mul, operator.imul, torch.mul)
 _CAT_FNS = (torch.cat, torch.concat, torch.concatenate)
-_NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "item", "tolist", "__len__"}
+_NON_TENSOR_METHODS = {
+    "size",
+    "dim",
+    "numel",
+    "nelement",
+    "ndimension",
+    "item",
+    "tolist",
+    "__len__",
+}
 _NON_TENSOR_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
 
 
@@ -110,7 +119,12 @@ def _is_tensor_pair(node: fx.Node, tensors: dict[fx.Node, bool]) -> bool:
     if node.kwargs or len(node.args) != 2:
         return False
     a, b = node.args
-    return isinstance(a, fx.Node) and isinstance(b, fx.Node) and tensors.get(a, False) and tensors.get(b, False)
+    return (
+        isinstance(a, fx.Node)
+        and isinstance(b, fx.Node)
+        and tensors.get(a, False)
+        and tensors.get(b, False)
+    )
 
 
 def _binary_kind(node: fx.Node, tensors: dict[fx.Node, bool]) -> type[nn.Module] | None:
@@ -118,9 +132,17 @@ def _binary_kind(node: fx.Node, tensors: dict[fx.Node, bool]) -> type[nn.Module]
         return Add
     if node.op == "call_function" and node.target in _MUL_FNS and _is_tensor_pair(node, tensors):
         return Mul
-    if node.op == "call_method" and node.target in ("add", "add_") and _is_tensor_pair(node, tensors):
+    if (
+        node.op == "call_method"
+        and node.target in ("add", "add_")
+        and _is_tensor_pair(node, tensors)
+    ):
         return Add
-    if node.op == "call_method" and node.target in ("mul", "mul_") and _is_tensor_pair(node, tensors):
+    if (
+        node.op == "call_method"
+        and node.target in ("mul", "mul_")
+        and _is_tensor_pair(node, tensors)
+    ):
         return Mul
     return None
 
@@ -156,7 +178,15 @@ def _mean_args(node: fx.Node) -> tuple[fx.Node, Any, bool] | None:
 def _interpolate_module(node: fx.Node) -> tuple[fx.Node, nn.Module] | None:
     if node.op != "call_function" or node.target is not F.interpolate:
         return None
-    names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+    names = (
+        "input",
+        "size",
+        "scale_factor",
+        "mode",
+        "align_corners",
+        "recompute_scale_factor",
+        "antialias",
+    )
     bound = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
     x = bound.pop("input", None)
     if not isinstance(x, fx.Node) or bound.pop("antialias", False):
@@ -172,7 +202,11 @@ def _shared_stateless(gm: fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = modules.get(node.target)
-            if mod is not None and next(mod.parameters(), None) is None and next(mod.buffers(), None) is None:
+            if (
+                mod is not None
+                and next(mod.parameters(), None) is None
+                and next(mod.buffers(), None) is None
+            ):
                 counts[node.target] = counts.get(node.target, 0) + 1
     return any(c > 1 for c in counts.values())
 

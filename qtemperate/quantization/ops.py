@@ -74,7 +74,9 @@ SIGNED_ACTIVATIONS: tuple[type[nn.Module], ...] = (
 def act_quantizer(act_bits: int, signed: bool) -> qnn.QuantIdentity:
     """A per-tensor activation quantizer with a learned threshold and a stateful bit width."""
     _check_bits("act_bits", act_bits)
-    quant = Int8ActPerTensorFloatStatefulBitWidth if signed else Uint8ActPerTensorFloatStatefulBitWidth
+    quant = (
+        Int8ActPerTensorFloatStatefulBitWidth if signed else Uint8ActPerTensorFloatStatefulBitWidth
+    )
     return qnn.QuantIdentity(act_quant=quant, bit_width=act_bits, return_quant_tensor=False)
 
 

@@ -202,8 +202,7 @@ def _rebuild_with_bits(proxy: nn.Module, bits: int, where: str) -> None:
     except Exception as exc:  # a custom quantizer that cannot be rebuilt: say so
         proxy.quant_injector = injector
         raise BitWidthError(
-            f"{where}: rebuilding the quantizer at {bits} bits failed "
-            f"({type(exc).__name__}: {exc})"
+            f"{where}: rebuilding the quantizer at {bits} bits failed ({type(exc).__name__}: {exc})"
         ) from exc
     new_holder = _holder(proxy)
     assert new_holder is not None
@@ -215,4 +214,6 @@ def _rebuild_with_bits(proxy: nn.Module, bits: int, where: str) -> None:
         if hasattr(proxy, cache):
             setattr(proxy, cache, None)
     if proxy_bits(proxy) != bits:
-        raise BitWidthError(f"{where}: the rebuilt quantizer reports {proxy_bits(proxy)} bits, not {bits}")
+        raise BitWidthError(
+            f"{where}: the rebuilt quantizer reports {proxy_bits(proxy)} bits, not {bits}"
+        )

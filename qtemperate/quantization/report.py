@@ -73,16 +73,52 @@ REPORT_FILE = "quantization_report.json"
 """File name of the report in a run folder (``qtemperate run`` writes it)."""
 
 _MOVE_METHODS = {
-    "flatten", "view", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-    "expand", "expand_as", "chunk", "split", "t", "to", "float", "type", "type_as", "clone",
-    "detach", "size", "dim", "numel",
+    "flatten",
+    "view",
+    "reshape",
+    "permute",
+    "transpose",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "expand",
+    "expand_as",
+    "chunk",
+    "split",
+    "t",
+    "to",
+    "float",
+    "type",
+    "type_as",
+    "clone",
+    "detach",
+    "size",
+    "dim",
+    "numel",
 }
 _MOVE_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-    torch.chunk, torch.split, torch.t, operator.getitem, getattr, len, torch.nn.functional.dropout,
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.chunk,
+    torch.split,
+    torch.t,
+    operator.getitem,
+    getattr,
+    len,
+    torch.nn.functional.dropout,
 }
 _MOVE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten, nn.Unflatten)
-_INTEGER_COPY_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_INTEGER_COPY_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+)
 
 
 class FloatLeftoverError(ValueError):
@@ -127,9 +163,7 @@ class QuantizationReport:
         left = self.float_ops
         if left:
             items = "; ".join(f"{r.name} ({r.op}): {r.reason}" for r in left)
-            raise FloatLeftoverError(
-                f"{len(left)} operation(s) stay float (strict=True): {items}"
-            )
+            raise FloatLeftoverError(f"{len(left)} operation(s) stay float (strict=True): {items}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view: the rows and the names of the float operations."""
@@ -155,11 +189,20 @@ class QuantizationReport:
 
         header = ("layer", "op", "weight", "act", "status")
         table = [header] + [
-            (r.name, r.op, bits(r.weight_bits), "float" if r.act_bits is None else str(r.act_bits), r.status)
+            (
+                r.name,
+                r.op,
+                bits(r.weight_bits),
+                "float" if r.act_bits is None else str(r.act_bits),
+                r.status,
+            )
             for r in self.rows
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in table
+        ]
         for i, r in enumerate(self.rows, start=1):
             if r.reason:
                 lines[i] += f"  # {r.reason}"
@@ -239,12 +282,26 @@ class _Walk:
         self.tensors = tensor_valued(gm)
 
     def input_bits(self, node: fx.Node) -> list[int | None]:
-        return [self.grid.get(a) for a in node.args if isinstance(a, fx.Node) and self.tensors.get(a, True)]
+        return [
+            self.grid.get(a)
+            for a in node.args
+            if isinstance(a, fx.Node) and self.tensors.get(a, True)
+        ]
 
-    def add(self, node: fx.Node, op: str, w: int | None, a: int | None, reason_if_float: str, note: str = "") -> None:
+    def add(
+        self,
+        node: fx.Node,
+        op: str,
+        w: int | None,
+        a: int | None,
+        reason_if_float: str,
+        note: str = "",
+    ) -> None:
         quantized = a is not None and w != 32
         reason = note if quantized else reason_if_float
-        self.rows.append(LayerQuantization(_name(node), op, w, a, "quantized" if quantized else "float", reason))
+        self.rows.append(
+            LayerQuantization(_name(node), op, w, a, "quantized" if quantized else "float", reason)
+        )
 
     def requantized_by(self, node: fx.Node) -> int | None:
         """Bits of the quantizer(s) that every use of ``node`` goes into (through data moves).
@@ -261,9 +318,11 @@ class _Walk:
                 continue
             seen.add(user)
             mod = self.modules.get(str(user.target)) if user.op == "call_module" else None
-            moves = (user.op == "call_method" and user.target in _MOVE_METHODS) or (
-                user.op == "call_function" and user.target in _MOVE_FUNCTIONS
-            ) or isinstance(mod, _MOVE_MODULES)
+            moves = (
+                (user.op == "call_method" and user.target in _MOVE_METHODS)
+                or (user.op == "call_function" and user.target in _MOVE_FUNCTIONS)
+                or isinstance(mod, _MOVE_MODULES)
+            )
             if moves:
                 frontier.extend(user.users)
             elif isinstance(mod, _ACT_MODULES) and type(mod).__name__ == "QuantIdentity":
@@ -297,15 +356,25 @@ class _Walk:
         on_grid = bool(ins) and all(self.grid.get(i) is not None for i in ins)
         requant = self.requantized_by(node) if on_grid else None
         if requant is not None:
-            self.rows.append(LayerQuantization(
-                _name(node), _op_name(node), None, requant, "quantized",
-                "computes in float between quantizers (quantized inputs, requantized output)",
-            ))
+            self.rows.append(
+                LayerQuantization(
+                    _name(node),
+                    _op_name(node),
+                    None,
+                    requant,
+                    "quantized",
+                    "computes in float between quantizers (quantized inputs, requantized output)",
+                )
+            )
             return
         where = "on quantized inputs" if on_grid else "on float inputs"
         self.rows.append(
             LayerQuantization(
-                _name(node), _op_name(node), None, None, "float",
+                _name(node),
+                _op_name(node),
+                None,
+                None,
+                "float",
                 f"functional {_op_name(node)} has no quantized form here: it computes in float {where}",
             )
         )
@@ -319,7 +388,9 @@ class _Walk:
             pass
         elif isinstance(m, _MOVE_MODULES):
             out = first
-        elif isinstance(m, _INTEGER_COPY_MODULES) or (isinstance(m, nn.Upsample) and m.mode in ("nearest", "nearest-exact")):
+        elif isinstance(m, _INTEGER_COPY_MODULES) or (
+            isinstance(m, nn.Upsample) and m.mode in ("nearest", "nearest-exact")
+        ):
             out = first
             self.add(node, kind, None, first, "input not quantized: it runs in float")
         elif isinstance(m, _QUANT_WBIOL):
@@ -329,12 +400,20 @@ class _Walk:
             reason = "weight not quantized" if w is None else "input activations not quantized"
             self.add(node, kind, 32 if w is None else w, a, reason, _bias_note(m))
         elif isinstance(m, QuantMultiheadAttention):
-            projs = [p for p in (m.in_proj, m.q_proj, m.k_proj, m.v_proj, m.out_proj) if p is not None]
+            projs = [
+                p for p in (m.in_proj, m.q_proj, m.k_proj, m.v_proj, m.out_proj) if p is not None
+            ]
             ws = [_bits(p, "weight_quant") for p in projs]
             a = _bits(projs[0], "input_quant")
             w = None if None in ws else min(ws)
-            self.add(node, kind, 32 if w is None else w, a, "projections not quantized",
-                     "softmax and the attention matmuls run on quantized q, k, v and attention weights")
+            self.add(
+                node,
+                kind,
+                32 if w is None else w,
+                a,
+                "projections not quantized",
+                "softmax and the attention matmuls run on quantized q, k, v and attention weights",
+            )
         elif isinstance(m, QuantActivation):
             out = _identity_bits(m.act_quant)
             self.add(node, type(m.act).__name__, None, out, "no quantizer on its output")
@@ -344,20 +423,50 @@ class _Walk:
             self.add(node, type(inner).__name__, None, out, "no quantizer on its output")
         elif isinstance(m, QuantResidualAdd):
             a = _identity_bits(m.input_quant)
-            self.add(node, "add", None, a, "no quantizer on its inputs", "one shared quantizer for both inputs")
+            self.add(
+                node,
+                "add",
+                None,
+                a,
+                "no quantizer on its inputs",
+                "one shared quantizer for both inputs",
+            )
         elif isinstance(m, QuantConcat):
             out = _identity_bits(m.input_quant)
-            self.add(node, "cat", None, out, "no quantizer on its inputs", "one shared quantizer for all inputs")
+            self.add(
+                node,
+                "cat",
+                None,
+                out,
+                "no quantizer on its inputs",
+                "one shared quantizer for all inputs",
+            )
         elif isinstance(m, QuantMul):
-            qa = _identity_bits(m.quant_a) if not isinstance(m.quant_a, nn.Identity) else (ins[0] if ins else None)
-            qb = _identity_bits(m.quant_b) if not isinstance(m.quant_b, nn.Identity) else (ins[1] if len(ins) > 1 else None)
+            qa = (
+                _identity_bits(m.quant_a)
+                if not isinstance(m.quant_a, nn.Identity)
+                else (ins[0] if ins else None)
+            )
+            qb = (
+                _identity_bits(m.quant_b)
+                if not isinstance(m.quant_b, nn.Identity)
+                else (ins[1] if len(ins) > 1 else None)
+            )
             a = None if qa is None or qb is None else min(qa, qb)
             self.add(node, "mul", None, a, "an input is not quantized")
         elif isinstance(m, QuantNormInput):
             has_affine = next(m.norm.parameters(), None) is not None
             a = _identity_bits(m.input_quant)
-            self.add(node, type(m.norm).__name__, None, a, "no quantizer on its input",
-                     "statistics" + (" and affine parameters" if has_affine else "") + " in float32 on the quantized input")
+            self.add(
+                node,
+                type(m.norm).__name__,
+                None,
+                a,
+                "no quantizer on its input",
+                "statistics"
+                + (" and affine parameters" if has_affine else "")
+                + " in float32 on the quantized input",
+            )
         elif isinstance(m, _ACT_MODULES):
             out = _bits(m, "act_quant")
             self.add(node, kind, None, out, "quantizer disabled")
@@ -370,17 +479,29 @@ class _Walk:
             self.add(node, kind, None, None, "no quantizer: quantize() has not been applied")
         elif type(m) is nn.MultiheadAttention:
             bypass = any(enabled_proxy(c, "weight_quant") is not None for c in m.modules())
-            why = ("its forward reads out_proj.weight directly, bypassing the quantizer" if bypass
-                   else "float nn.MultiheadAttention")
+            why = (
+                "its forward reads out_proj.weight directly, bypassing the quantizer"
+                if bypass
+                else "float nn.MultiheadAttention"
+            )
             self.add(node, kind, 32, None, why)
         elif next(m.parameters(), None) is not None:
-            what = "not quantized" if isinstance(m, nn.modules.conv._ConvNd | nn.Linear) else (
-                f"no quantized replacement for {kind}")
+            what = (
+                "not quantized"
+                if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)
+                else (f"no quantized replacement for {kind}")
+            )
             self.add(node, kind, 32, None, what)
         else:
             requant = self.requantized_by(node) if first is not None else None
-            self.add(node, kind, None, requant, f"no quantizer: {kind} computes in float",
-                     "computes in float between quantizers (quantized inputs, requantized output)")
+            self.add(
+                node,
+                kind,
+                None,
+                requant,
+                f"no quantizer: {kind} computes in float",
+                "computes in float between quantizers (quantized inputs, requantized output)",
+            )
         self.grid[node] = out
 
 
@@ -393,13 +514,23 @@ def _ao_report(model: nn.Module) -> QuantizationReport:
         w = weights[name].bits if name in weights else None
         a = row.get("act")
         op = type(model.get_submodule(name)).__name__
-        rows.append(LayerQuantization(name, op, w, a, "quantized" if (w or a) else "float",
-                                      "" if a is not None else "no fake-quant on its output"))
+        rows.append(
+            LayerQuantization(
+                name,
+                op,
+                w,
+                a,
+                "quantized" if (w or a) else "float",
+                "" if a is not None else "no fake-quant on its output",
+            )
+        )
     for name, m in model.named_modules():
         plain = type(m).__module__.startswith("torch.nn.modules")
         if isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and name not in weights and plain:
             rows.append(
-                LayerQuantization(name, type(m).__name__, 32, None, "float", "not prepared for quantization")
+                LayerQuantization(
+                    name, type(m).__name__, 32, None, "float", "not prepared for quantization"
+                )
             )
     return QuantizationReport(rows, traced=False)
 
@@ -428,16 +559,34 @@ def quantization_report(model: nn.Module) -> QuantizationReport:
     rows = []
     for name, m in model.named_modules():
         if isinstance(m, _QUANT_WBIOL):
-            rows.append(LayerQuantization(name, type(m).__name__, _bits(m, "weight_quant") or 32,
-                                          _bits(m, "input_quant"), "unknown", "model not traceable"))
+            rows.append(
+                LayerQuantization(
+                    name,
+                    type(m).__name__,
+                    _bits(m, "weight_quant") or 32,
+                    _bits(m, "input_quant"),
+                    "unknown",
+                    "model not traceable",
+                )
+            )
         elif isinstance(m, _ACT_MODULES) and _bits(m, "act_quant") is not None:
-            rows.append(LayerQuantization(name, type(m).__name__, None, _bits(m, "act_quant"), "quantized"))
+            rows.append(
+                LayerQuantization(name, type(m).__name__, None, _bits(m, "act_quant"), "quantized")
+            )
         elif isinstance(m, nn.modules.conv._ConvNd | nn.Linear):
-            rows.append(LayerQuantization(name, type(m).__name__, 32, None, "float", "not quantized"))
-    rows.append(LayerQuantization(
-        "(forward)", "forward", None, None, "unknown",
-        "the model is not FX-traceable: functional operations in forward() were not inspected",
-    ))
+            rows.append(
+                LayerQuantization(name, type(m).__name__, 32, None, "float", "not quantized")
+            )
+    rows.append(
+        LayerQuantization(
+            "(forward)",
+            "forward",
+            None,
+            None,
+            "unknown",
+            "the model is not FX-traceable: functional operations in forward() were not inspected",
+        )
+    )
     return QuantizationReport(rows, traced=False)
 
 

@@ -126,7 +126,9 @@ def ao_weights(model: nn.Module) -> dict[str, AoWeight]:
     out: dict[str, AoWeight] = {}
     for name, m in model.named_modules():
         wfq = m._modules.get("weight_fake_quant")
-        if isinstance(wfq, FakeQuantizeBase) and isinstance(getattr(m, "weight", None), torch.Tensor):
+        if isinstance(wfq, FakeQuantizeBase) and isinstance(
+            getattr(m, "weight", None), torch.Tensor
+        ):
             bits = _fq_bits(wfq) or 32
             per_channel = getattr(wfq, "qscheme", None) in _PER_CHANNEL
             n_scales = int(m.weight.shape[getattr(wfq, "ch_axis", 0)]) if per_channel else 1
@@ -167,7 +169,9 @@ def _input_quantizers(model: nn.Module) -> set[str]:
             if node.op != "placeholder":
                 continue
             for user in node.users:
-                if user.op == "call_module" and isinstance(modules.get(user.target), FakeQuantizeBase | ObserverBase):
+                if user.op == "call_module" and isinstance(
+                    modules.get(user.target), FakeQuantizeBase | ObserverBase
+                ):
                     out.add(str(user.target))
     return out
 
@@ -177,7 +181,11 @@ def _weight_roles(model: nn.Module) -> dict[str, str]:
     names: list[str] = []
     if isinstance(model, fx.GraphModule):
         weights = ao_weights(model)
-        names = [str(n.target) for n in model.graph.nodes if n.op == "call_module" and n.target in weights]
+        names = [
+            str(n.target)
+            for n in model.graph.nodes
+            if n.op == "call_module" and n.target in weights
+        ]
     if not names:
         names = list(ao_weights(model))
     roles = {n: "inner" for n in names}
@@ -213,7 +221,11 @@ def ao_bit_widths(model: nn.Module) -> dict[str, dict[str, int | None]]:
         if row["weight"] is not None or row["act"] is not None:
             out[name] = row
     for name, m in model.named_modules():
-        if isinstance(m, FakeQuantizeBase) and id(m) not in owned and not name.endswith("weight_fake_quant"):
+        if (
+            isinstance(m, FakeQuantizeBase)
+            and id(m) not in owned
+            and not name.endswith("weight_fake_quant")
+        ):
             # a stand-alone fake-quant (FX inserts them between layers)
             out[name] = {"weight": None, "act": _fq_bits(m), "input": None}
     return out
@@ -263,7 +275,11 @@ def set_ao_bit_width(model: nn.Module, weight_bits: int, act_bits: int) -> nn.Mo
         if isinstance(wfq, FakeQuantizeBase) and roles.get(name, "inner") == "inner":
             changes.append((wfq, weight_bits, f"{name}.weight_fake_quant"))
     for name, m in model.named_modules():
-        if not isinstance(m, FakeQuantizeBase) or name.endswith("weight_fake_quant") or name in inputs:
+        if (
+            not isinstance(m, FakeQuantizeBase)
+            or name.endswith("weight_fake_quant")
+            or name in inputs
+        ):
             continue
         parent = name.rpartition(".")[0]
         if parent and isinstance(model.get_submodule(parent), FakeQuantizeBase):
@@ -273,7 +289,9 @@ def set_ao_bit_width(model: nn.Module, weight_bits: int, act_bits: int) -> nn.Mo
         dtype = getattr(fq, "dtype", None)
         storage = _QUANTIZED_DTYPE_BITS.get(dtype, 8) if dtype is not None else 8
         if bits > storage:
-            raise ValueError(f"{where}: {bits} bits do not fit its {dtype} storage ({storage} bits)")
+            raise ValueError(
+                f"{where}: {bits} bits do not fit its {dtype} storage ({storage} bits)"
+            )
     for fq, bits, where in changes:
         _write_range(fq, bits, where)
     return model

@@ -24,7 +24,11 @@ class InvertedResidual(nn.Module):
         self.use_res = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expand != 1:
-            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+            layers += [
+                nn.Conv2d(cin, hidden, 1, bias=False),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU6(inplace=True),
+            ]
         layers += [
             nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden),
@@ -47,11 +51,19 @@ class MobileNetV2ish(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Sequential(nn.Conv2d(1, 2 * w, 3, 1, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU6(inplace=True)),
+            nn.Sequential(
+                nn.Conv2d(1, 2 * w, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(2 * w),
+                nn.ReLU6(inplace=True),
+            ),
             InvertedResidual(2 * w, w, 1, 1),
             InvertedResidual(w, 2 * w, 2, 4),
             InvertedResidual(2 * w, 2 * w, 1, 4),
-            nn.Sequential(nn.Conv2d(2 * w, 8 * w, 1, bias=False), nn.BatchNorm2d(8 * w), nn.ReLU6(inplace=True)),
+            nn.Sequential(
+                nn.Conv2d(2 * w, 8 * w, 1, bias=False),
+                nn.BatchNorm2d(8 * w),
+                nn.ReLU6(inplace=True),
+            ),
         )
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(8 * w, num_classes))
 
@@ -85,7 +97,9 @@ class MBConv(nn.Module):
         super().__init__()
         h = c * expand
         self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.SiLU())
-        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.SiLU())
+        self.dw = nn.Sequential(
+            nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.SiLU()
+        )
         self.se = SqueezeExcite(h, max(1, c // 2), gate)
         self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
 
@@ -99,10 +113,14 @@ class EfficientNetish(nn.Module):
     def __init__(self, num_classes: int = 10, width: int = 8) -> None:
         super().__init__()
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.SiLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.SiLU()
+        )
         self.block1 = MBConv(w, 4, nn.Hardsigmoid)
         self.block2 = MBConv(w, 4, nn.Sigmoid)
-        self.head = nn.Sequential(nn.Conv2d(w, 4 * w, 1, bias=False), nn.BatchNorm2d(4 * w), nn.Hardswish())
+        self.head = nn.Sequential(
+            nn.Conv2d(w, 4 * w, 1, bias=False), nn.BatchNorm2d(4 * w), nn.Hardswish()
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Linear(4 * w, 4 * w)
         self.fc2 = nn.Linear(4 * w, num_classes)
@@ -115,7 +133,9 @@ class EfficientNetish(nn.Module):
 
 
 def _cbr(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class DenseUNet(nn.Module):
@@ -269,7 +289,9 @@ class FusedQKVAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = (
+            self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = ((q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5).softmax(-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))

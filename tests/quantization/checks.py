@@ -31,7 +31,9 @@ def independent_bytes(model: nn.Module) -> tuple[float, int, int]:
             total += 4 * sum(p.numel() for p in own.values())
             continue
         params += sum(p.numel() for p in own.values())
-        quantized = isinstance(m, QuantWeightBiasInputOutputLayer) and m.weight_quant.is_quant_enabled
+        quantized = (
+            isinstance(m, QuantWeightBiasInputOutputLayer) and m.weight_quant.is_quant_enabled
+        )
         for pname, p in own.items():
             if pname == "weight" and quantized:
                 with torch.no_grad():
@@ -62,9 +64,15 @@ def onnx_integer_weights(path: str | Path) -> int:
 def onnx_int4_weights(path: str | Path) -> int:
     """Elements of packed INT4 weight initializers in the file."""
     model = onnx.load(str(path))
-    return sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type == TensorProto.INT4)
+    return sum(
+        int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type == TensorProto.INT4
+    )
 
 
 def float_initializers(path: str | Path) -> dict[str, np.ndarray]:
     model = onnx.load(str(path))
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    return {
+        i.name: numpy_helper.to_array(i)
+        for i in model.graph.initializer
+        if i.data_type == TensorProto.FLOAT
+    }

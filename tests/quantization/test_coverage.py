@@ -81,10 +81,16 @@ def test_pipeline_reports_the_truth_and_exports_what_it_reports(case: str, data,
     model = factory().eval()
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch-pruning: "unwrapped parameters" (position embeddings)
+        warnings.simplefilter(
+            "ignore"
+        )  # torch-pruning: "unwrapped parameters" (position embeddings)
         pruned, prep = prune(
-            model, x[:2], target_params_ratio=target,
-            attention_heads=heads(model) if heads else None, calibration_loader=calib, bn_batches=2,
+            model,
+            x[:2],
+            target_params_ratio=target,
+            attention_heads=heads(model) if heads else None,
+            calibration_loader=calib,
+            bn_batches=2,
         )
     assert abs(prep.params_ratio - target) <= 0.03
     assert pruned(x[:2]).shape == (2, 10)
@@ -113,7 +119,9 @@ def test_pipeline_reports_the_truth_and_exports_what_it_reports(case: str, data,
     # the exported file holds as integers exactly the weights model_size counts as quantized
     path = export_onnx(q, tmp_path / f"{case}.onnx", x[:1])
     assert onnx_integer_weights(path) == qweights
-    assert sum(q.get_submodule(n).weight.numel() for n, b in size.bits.items() if b < 32) == qweights
+    assert (
+        sum(q.get_submodule(n).weight.numel() for n, b in size.bits.items() if b < 32) == qweights
+    )
     if case != "groupnorm_cnn":  # GroupNorm's export keeps INT8 storage (onnxruntime 1.32 bug)
         assert onnx_int4_weights(path) > 0
     rep = verify_onnx(path, q, x)
@@ -138,11 +146,17 @@ def test_efficientnet_gates_and_products_are_quantized() -> None:
     q, report = quantize(EfficientNetish().eval(), 4, 4, return_report=True)
     ops = {r.op for r in report.rows}
     assert {"SiLU", "Hardsigmoid", "Sigmoid", "Hardswish", "GELU", "Tanh", "mul"} <= ops
-    gates = [m for m in q.modules() if isinstance(m, QuantActivation) and isinstance(m.act, nn.Sigmoid | nn.Hardsigmoid)]
+    gates = [
+        m
+        for m in q.modules()
+        if isinstance(m, QuantActivation) and isinstance(m.act, nn.Sigmoid | nn.Hardsigmoid)
+    ]
     assert gates and all(not m.act_quant.act_quant.is_signed for m in gates)  # [0, 1]: unsigned
     muls = [m for m in q.modules() if isinstance(m, QuantMul)]
     # both inputs of x * gate come from quantizers (SiLU, Hardsigmoid): no second rounding
-    assert len(muls) == 2 and all(isinstance(m.quant_a, nn.Identity) and isinstance(m.quant_b, nn.Identity) for m in muls)
+    assert len(muls) == 2 and all(
+        isinstance(m.quant_a, nn.Identity) and isinstance(m.quant_b, nn.Identity) for m in muls
+    )
 
 
 def test_concat_inputs_share_one_quantizer_so_the_output_is_on_one_grid() -> None:
@@ -167,7 +181,9 @@ def test_norms_read_quantized_inputs_and_their_params_count_as_float() -> None:
     assert len(norms) == 3
     size = model_size(q)
     gn_params = sum(p.numel() for m in norms for p in m.norm.parameters())
-    floats = sum(p.numel() for n, p in q.named_parameters() if n.endswith((".norm.weight", ".norm.bias")))
+    floats = sum(
+        p.numel() for n, p in q.named_parameters() if n.endswith((".norm.weight", ".norm.bias"))
+    )
     assert gn_params == floats > 0
     assert all(size.bits[n] == 32 for n, m in q.named_modules() if isinstance(m, nn.GroupNorm))
 
@@ -198,7 +214,9 @@ def test_a_quantized_linear_bypassed_by_a_float_attention_counts_as_float() -> N
     import brevitas.nn as qnn
 
     mha = nn.MultiheadAttention(16, 4, batch_first=True)
-    mha.out_proj = qnn.QuantLinear(16, 16, bias=True, weight_bit_width=4)  # what quantize() used to do
+    mha.out_proj = qnn.QuantLinear(
+        16, 16, bias=True, weight_bit_width=4
+    )  # what quantize() used to do
     model = nn.Sequential(mha)
     size = model_size(model)
     assert size.bits["0.out_proj"] == 32

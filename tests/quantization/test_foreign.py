@@ -44,15 +44,21 @@ class UserNet(nn.Module):
     def __init__(self, requant_pool: bool = False, int_bias: bool = False) -> None:
         super().__init__()
         b = {"bias_quant": Int32Bias} if int_bias else {}
-        self.quant_inp = qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=True)
+        self.quant_inp = qnn.QuantIdentity(
+            act_quant=Int8ActPerTensorFloat, return_quant_tensor=True
+        )
         self.conv1 = qnn.QuantConv2d(1, 8, 3, padding=1, weight_quant=Int8WeightPerTensorFloat, **b)
         self.relu1 = qnn.QuantReLU(act_quant=Uint8ActPerTensorFloat, return_quant_tensor=True)
-        self.conv2 = qnn.QuantConv2d(8, 16, 3, padding=1, weight_quant=Int8WeightPerChannelFloat, **b)
+        self.conv2 = qnn.QuantConv2d(
+            8, 16, 3, padding=1, weight_quant=Int8WeightPerChannelFloat, **b
+        )
         self.relu2 = qnn.QuantReLU(act_quant=Uint8ActPerTensorFloat, return_quant_tensor=True)
         self.conv3 = qnn.QuantConv2d(
             16, 16, 3, padding=1, weight_quant=Int8WeightPerTensorFloat, weight_bit_width=4, **b
         )
-        self.relu3 = qnn.QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True)
+        self.relu3 = qnn.QuantReLU(
+            act_quant=Uint8ActPerTensorFloat, bit_width=4, return_quant_tensor=True
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.requant = (
             qnn.QuantIdentity(act_quant=Uint8ActPerTensorFloat, return_quant_tensor=True)
@@ -67,7 +73,9 @@ class UserNet(nn.Module):
         return self.fc(torch.flatten(self.requant(self.pool(x)), 1))
 
 
-def _trained(digits, requant_pool: bool = False, int_bias: bool = False, steps: int = 40) -> UserNet:  # type: ignore[no-untyped-def]
+def _trained(
+    digits, requant_pool: bool = False, int_bias: bool = False, steps: int = 40
+) -> UserNet:  # type: ignore[no-untyped-def]
     xtr, ytr, _, _ = digits
     torch.manual_seed(0)
     m = UserNet(requant_pool, int_bias)
@@ -88,7 +96,11 @@ def _threshold(layer: nn.Module) -> torch.Tensor:
 def test_bit_widths_are_read_from_stock_quantizers(digits) -> None:  # type: ignore[no-untyped-def]
     m = _trained(digits)
     bits = get_bit_widths(m)
-    assert bits["conv1"]["weight"] == 8 and bits["conv2"]["weight"] == 8 and bits["conv3"]["weight"] == 4
+    assert (
+        bits["conv1"]["weight"] == 8
+        and bits["conv2"]["weight"] == 8
+        and bits["conv3"]["weight"] == 4
+    )
     assert bits["quant_inp"]["act"] == 8 and bits["relu1"]["act"] == 8 and bits["relu3"]["act"] == 4
     assert get_quant_config(m).weight_bits == 4 and get_quant_config(m).per_channel is False
 
@@ -165,7 +177,11 @@ class _Odd(nn.Module):
         super().__init__()
         self.a = qnn.QuantConv2d(1, 4, 3, weight_quant=Int8WeightPerTensorFloat)
         self.learned = qnn.QuantConv2d(
-            4, 4, 3, weight_quant=Int8WeightPerTensorFloat, weight_bit_width_impl_type=BitWidthImplType.PARAMETER
+            4,
+            4,
+            3,
+            weight_quant=Int8WeightPerTensorFloat,
+            weight_bit_width_impl_type=BitWidthImplType.PARAMETER,
         )
         self.binary = qnn.QuantConv2d(4, 4, 1, weight_quant=SignedBinaryWeightPerTensorConst)
         self.mid = qnn.QuantConv2d(4, 4, 1, weight_quant=Int8WeightPerTensorFloat)

@@ -21,7 +21,15 @@ from tests.quantization.architectures import (
 
 
 @pytest.mark.parametrize(
-    "factory", [MobileNetV2ish, EfficientNetish, DenseUNet, GroupNormCNN, MHAClassifier, HandAttentionClassifier]
+    "factory",
+    [
+        MobileNetV2ish,
+        EfficientNetish,
+        DenseUNet,
+        GroupNormCNN,
+        MHAClassifier,
+        HandAttentionClassifier,
+    ],
 )
 def test_rewrite_keeps_the_function(factory) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)

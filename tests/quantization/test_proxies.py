@@ -50,12 +50,17 @@ def test_stateful_presets_write_their_buffer() -> None:
     quant = relu.act_quant.fused_activation_quant_proxy.tensor_quant
     set_proxy_bits(relu.act_quant, 4, "relu.act_quant")
     assert relu.act_quant.fused_activation_quant_proxy.tensor_quant is quant
-    assert proxy_bits(relu.act_quant) == 4 and "act_quant.fused_activation_quant_proxy.tensor_quant" \
-        ".msb_clamp_bit_width_impl.bit_width" in relu.state_dict()
+    assert (
+        proxy_bits(relu.act_quant) == 4
+        and "act_quant.fused_activation_quant_proxy.tensor_quant.msb_clamp_bit_width_impl.bit_width"
+        in relu.state_dict()
+    )
 
 
 def test_a_learned_bit_width_is_refused_by_name() -> None:
-    ident = qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, bit_width_impl_type=BitWidthImplType.PARAMETER)
+    ident = qnn.QuantIdentity(
+        act_quant=Int8ActPerTensorFloat, bit_width_impl_type=BitWidthImplType.PARAMETER
+    )
     assert proxy_bits(ident.act_quant) == 8
     with pytest.raises(BitWidthError, match=r"ident\.act_quant: the bit width is learned"):
         set_proxy_bits(ident.act_quant, 4, "ident.act_quant")

@@ -72,7 +72,9 @@ def test_format_write_and_summary(tmp_path) -> None:  # type: ignore[no-untyped-
     q = quantize(HandAttentionClassifier().eval(), 4, 4)
     report = quantization_report(q)
     text = report.format()
-    assert "attn.softmax" in text and text.splitlines()[-1].startswith(f"{len(report.rows) - 4} of {len(report.rows)}")
+    assert "attn.softmax" in text and text.splitlines()[-1].startswith(
+        f"{len(report.rows) - 4} of {len(report.rows)}"
+    )
     data = json.loads(report.write(tmp_path / "r.json").read_text())
     assert data["float_ops"] == ["attn.matmul", "attn.mul", "attn.softmax", "attn.matmul_1"]
     summary = quantization_summary(q)

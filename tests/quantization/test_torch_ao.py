@@ -104,7 +104,11 @@ def _independent_converted_bytes(model: nn.Module) -> tuple[float, int]:
         if type(m).__module__.startswith("torch.ao.nn") and callable(getattr(m, "weight", None)):
             w = m.weight()
             ints = w.int_repr()
-            scales = w.q_per_channel_scales() if w.qscheme() == torch.per_channel_affine else torch.ones(1)
+            scales = (
+                w.q_per_channel_scales()
+                if w.qscheme() == torch.per_channel_affine
+                else torch.ones(1)
+            )
             b = m.bias()
             total += ints.numel() * ints.element_size() + 4 * scales.numel() + 4 * b.numel()
             params += ints.numel() + b.numel()
@@ -129,9 +133,13 @@ def test_set_bit_width_rewrites_fake_quant_ranges(flow: str, eager, fx_prepared,
     # the inner conv switches; first conv and classifier keep theirs; so does the input quantizer
     assert after["conv2"]["weight"] == 4 and before["conv2"]["weight"] == 8
     assert after["conv1"]["weight"] == 8 and after["fc"]["weight"] == 8
-    assert model.conv2.weight_fake_quant.quant_min == -8 and model.conv2.weight_fake_quant.quant_max == 7
+    assert (
+        model.conv2.weight_fake_quant.quant_min == -8
+        and model.conv2.weight_fake_quant.quant_max == 7
+    )
     acts = [
-        m for n, m in model.named_modules()
+        m
+        for n, m in model.named_modules()
         if isinstance(m, FakeQuantizeBase) and not n.endswith("weight_fake_quant")
     ]
     inputs = [m for m in acts if _bits(m) != 4]
@@ -147,7 +155,9 @@ def test_set_bit_width_rewrites_fake_quant_ranges(flow: str, eager, fx_prepared,
 
 
 @pytest.mark.parametrize("flow", ["eager", "fx"])
-def test_converted_models_size_refuse_bits_export_and_verify(flow: str, eager, fx_prepared, digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_converted_models_size_refuse_bits_export_and_verify(
+    flow: str, eager, fx_prepared, digits, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     prepared = eager if flow == "eager" else fx_prepared
     convert = tq.convert if flow == "eager" else quantize_fx.convert_fx
     converted = convert(copy.deepcopy(prepared).eval())
@@ -166,7 +176,9 @@ def test_converted_models_size_refuse_bits_export_and_verify(flow: str, eager, f
 
 
 @pytest.mark.parametrize("flow", ["eager", "fx"])
-def test_exporting_a_prepared_model_says_to_convert_it(flow: str, eager, fx_prepared, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_exporting_a_prepared_model_says_to_convert_it(
+    flow: str, eager, fx_prepared, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     model = eager if flow == "eager" else fx_prepared
     what = "convert_fx" if flow == "fx" else "torch.ao.quantization.convert"
     with pytest.raises(ValueError, match=f"prepared for QAT.*{what}"):
