@@ -44,6 +44,7 @@ from torch import nn
 
 from qtemperate.bits import FLOAT_BITS
 from qtemperate.quantization import get_bit_widths
+from qtemperate.quantization.config import ROLE_ATTR
 from qtemperate.quantization.proxies import enabled_proxy, proxy_bits
 from qtemperate.quantization.torch_ao import ao_kind, ao_weights
 
@@ -236,14 +237,17 @@ def bypassed_weight_layers(model: nn.Module) -> set[str]:
     (its forward passes ``out_proj.weight`` to ``F.multi_head_attention_forward``), and a
     weight that the traced forward reads as an attribute (``F.linear(x, self.fc.weight)``).
     """
-    quantized = {n for n, m in model.named_modules() if enabled_proxy(m, "weight_quant") is not None}
+    modules = dict(model.named_modules())
+    quantized = {n for n, m in modules.items() if enabled_proxy(m, "weight_quant") is not None}
     if not quantized:
         return set()
     out: set[str] = set()
-    for name, m in model.named_modules():
+    for name, m in modules.items():
         if type(m) is nn.MultiheadAttention:
             prefix = f"{name}." if name else ""
             out |= {n for n in quantized if n.startswith(prefix)}
+    if all(hasattr(modules[n], ROLE_ATTR) for n in quantized):
+        return out  # built by quantize(), which only replaces layers the forward calls
     from qtemperate.quantization.graph import _trace
 
     gm = _trace(model)

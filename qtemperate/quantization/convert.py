@@ -194,8 +194,10 @@ def quantize(
     was_training = model.training
     qmodel = copy.deepcopy(model).eval()
     fold_batch_norms(qmodel)
-    qmodel, _ = functional_to_modules(qmodel)  # F.relu6, torch.cat, x * y ... become modules
     gm = _trace(qmodel)
+    qmodel, rewritten = functional_to_modules(qmodel, gm)  # F.relu6, torch.cat, x * y ...: modules
+    if rewritten:
+        gm = _trace(qmodel)
     first, last = _first_last_layers(qmodel, gm)
     modules = dict(qmodel.named_modules())
     bias_sources = _input_quantizer_sources(gm, modules)

@@ -247,11 +247,13 @@ def _replace(gm: fx.GraphModule, node: fx.Node, module: nn.Module, args: tuple) 
     return new
 
 
-def functional_to_modules(model: nn.Module) -> tuple[nn.Module, bool]:
+def functional_to_modules(model: nn.Module, traced: fx.GraphModule | None = None) -> tuple[nn.Module, bool]:
     """Rewrite the functional operations of ``model``'s forward into modules (module docstring).
 
     Args:
         model: A float model (modified only through the returned copy of its graph).
+        traced: ``model`` already traced with :func:`~qtemperate.quantization.graph._trace`
+            (saves a trace); traced here when None.
 
     Returns:
         ``(model, False)`` when nothing needs rewriting or the model is not FX-traceable,
@@ -259,7 +261,7 @@ def functional_to_modules(model: nn.Module) -> tuple[nn.Module, bool]:
     """
     from qtemperate.quantization.graph import _trace
 
-    gm = _trace(model)
+    gm = traced if traced is not None else _trace(model)
     if gm is None or not _needs_rewrite(gm):
         return model, False
     with warnings.catch_warnings():
