@@ -565,18 +565,32 @@ def _importance_factory(
     )
 
 
-def _ignored_names(model: nn.Module, ignored_layers: Sequence[nn.Module] | None) -> list[str]:
-    """Qualified names of the ignored modules plus the classifier (its outputs are the classes)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    ignored = list(ignored_layers or [])
+def _output_layers(model: nn.Module) -> list[nn.Module]:
+    """The conv/linear layers producing the model's outputs: every head of a multi-output model.
+
+    Found on the FX graph (walking back from each output through non-layer operations);
+    an untraceable model falls back to :func:`_default_classifier`.
+    """
+    from qtemperate.quantization.graph import _trace, output_layers
+
+    gm = _trace(model)
+    if gm is not None:
+        names = output_layers(gm, lambda m: isinstance(m, nn.modules.conv._ConvNd | nn.Linear))
+        if names:
+            return [model.get_submodule(n) for n in sorted(names)]
     classifier = _default_classifier(model)
-    if classifier is not None:
-        ignored.append(classifier)
+    return [] if classifier is None else [classifier]
+
+
+def _ignored_names(model: nn.Module, ignored_layers: Sequence[nn.Module] | None) -> list[str]:
+    """Qualified names of the ignored modules plus the output layers (their widths are the outputs)."""
+    names = {id(m): n for n, m in model.named_modules()}
     out: list[str] = []
-    for m in ignored:
+    for m in ignored_layers or []:
         if id(m) not in names:
             raise ValueError(f"ignored_layers contains a module that is not part of model: {m!r}")
         out.append(names[id(m)])
+    out += [names[id(m)] for m in _output_layers(model) if names[id(m)] not in out]
     return out
 
 
@@ -597,8 +611,10 @@ def prune(
     """Channel-prune a float model to a parameter or MAC budget.
 
     The input ``model`` is not modified: a deep copy is pruned and returned (in the
-    input's train/eval mode). The classifier (last ``nn.Linear``, or last conv if
-    there is none) and every module in ``ignored_layers`` keep their output width.
+    input's train/eval mode). The output layers (every conv/linear whose output reaches
+    a model output: the classifier, or each head of a model returning a dict/tuple; the
+    last ``nn.Linear``, else the last conv, when the model is not FX-traceable) and every
+    module in ``ignored_layers`` keep their output width.
 
     Args:
         model: Float model (conv/linear/BN; residual adds are followed by DepGraph).

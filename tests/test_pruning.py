@@ -372,3 +372,33 @@ def test_attention_torch_pruning_cannot_follow_is_an_error_that_says_what_to_do(
         prune(model, x, target_params_ratio=0.8)
     with pytest.raises(ValueError, match=r"even with attention_heads: split q/k/v with qkv\.unbind"):
         prune(model, x, target_params_ratio=0.8, attention_heads={model.attn.qkv: 4})
+
+
+def test_every_output_head_of_a_multi_output_model_keeps_its_width() -> None:
+    """A detector's feature head is read by the class/box heads, yet it is an output too."""
+
+    class Detector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+            self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.feat = nn.Linear(32, 24)
+            self.cls = nn.Linear(24, 5)
+            self.box = nn.Linear(24, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = self.pool(torch.relu(self.c2(torch.relu(self.c1(x))))).flatten(1)
+            f = torch.relu(self.feat(h))
+            return {"features": f, "logits": self.cls(f), "boxes": self.box(f)}
+
+    torch.manual_seed(0)
+    model, x = Detector(), torch.randn(2, 1, 8, 8)
+    before = {k: v.shape for k, v in model(x).items()}
+    pruned, report = prune(model, x, target_params_ratio=0.6)
+    assert {k: v.shape for k, v in pruned(x).items()} == before
+    assert (pruned.feat.weight.shape, pruned.cls.weight.shape[0], pruned.box.weight.shape[0]) == (
+        torch.Size([24, pruned.c2.weight.shape[0]]), 5, 4,
+    )
+    assert pruned.c2.weight.shape[0] < 32  # the budget is met by the backbone
+    assert abs(_numel(pruned) / _numel(model) - 0.6) <= TOL

@@ -8,7 +8,8 @@ stock ``brevitas.nn`` layers has no tags, so the same policy is derived from its
   model input (possibly through Identity/Dropout/MaxPool/Flatten/reshape), or the
   ``input_quant`` of a weight layer that reads it — keep their bit width;
 * **first** weight layers (reading the model input, possibly through a model-input
-  quantizer) and the **last** weight layer (in graph order) keep theirs;
+  quantizer) and the **last** weight layers (those producing a model output: every head
+  of a multi-output model) keep theirs;
 * every other weight layer is **inner** and every other activation quantizer an
   activation: :func:`~qtemperate.quantization.set_bit_width` switches those.
 
@@ -99,7 +100,10 @@ def _graph_roles(model: nn.Module, gm: fx.GraphModule) -> tuple[set[str], set[st
         for n in gm.graph.nodes
         if n.op == "call_module" and _is_weight_layer(modules.get(n.target, nn.Module()))
     ]
-    return first, ({ordered[-1]} if ordered else set()), inputs
+    from qtemperate.quantization.graph import output_layers
+
+    last = output_layers(gm, _is_weight_layer) or ({ordered[-1]} if ordered else set())
+    return first, last, inputs
 
 
 def layer_roles(model: nn.Module) -> LayerRoles:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Callable
 
 import torch
 from brevitas.nn import QuantMultiheadAttention
@@ -25,7 +26,7 @@ from qtemperate.quantization.layers import (
 )
 from qtemperate.quantization.ops import QUANT_OPS, Concat, Mean, Mul, QuantActivation, QuantRequant
 
-__all__ = ["fold_batch_norms"]
+__all__ = ["fold_batch_norms", "output_layers"]
 
 
 def _is_quant_leaf(m: nn.Module) -> bool:
@@ -131,8 +132,41 @@ def fold_batch_norms(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def output_layers(gm: fx.GraphModule, is_layer: Callable[[nn.Module], bool]) -> set[str]:
+    """Names of the layers whose outputs reach a model output with no such layer between.
+
+    Walks back from the graph's output node (every entry of a dict/tuple output) through
+    any operation that is not a layer (``is_layer``); each layer met ends its path. A
+    detector's ``features``, ``logits`` and ``boxes`` heads are all output layers, and so
+    are both convolutions of a residual sum the model returns; a classifier has one.
+
+    Args:
+        gm: The model traced with FX.
+        is_layer: Whether a module is a (weight) layer.
+
+    Returns:
+        The qualified module names of the output layers.
+    """
+    modules = dict(gm.named_modules())
+    out: set[str] = set()
+    frontier = [n for n in gm.graph.nodes if n.op == "output"]
+    seen: set[fx.Node] = set(frontier)
+    while frontier:
+        node = frontier.pop()
+        for arg in node.all_input_nodes:
+            if arg in seen:
+                continue
+            seen.add(arg)
+            mod = modules.get(str(arg.target)) if arg.op == "call_module" else None
+            if mod is not None and is_layer(mod):
+                out.add(str(arg.target))
+            else:
+                frontier.append(arg)
+    return out
+
+
 def _first_last_layers(model: nn.Module, gm: fx.GraphModule | None) -> tuple[set[str], set[str]]:
-    """Names of the layers reading the model input and of the last conv/linear layer."""
+    """Names of the layers reading the model input and of the layers producing its outputs."""
     wb_types = (nn.Conv1d, nn.Conv2d, nn.Linear)
     modules = dict(model.named_modules())
     if gm is not None:
@@ -160,7 +194,7 @@ def _first_last_layers(model: nn.Module, gm: fx.GraphModule | None) -> tuple[set
             if n.op == "call_module" and isinstance(modules.get(n.target), wb_types)
         ]
         if first and ordered:
-            return first, {ordered[-1]}
+            return first, output_layers(gm, lambda m: isinstance(m, wb_types)) or {ordered[-1]}
     ordered = [name for name, m in model.named_modules() if isinstance(m, wb_types)]
     if not ordered:
         return set(), set()

@@ -189,9 +189,19 @@ def _weight_roles(model: nn.Module) -> dict[str, str]:
     if not names:
         names = list(ao_weights(model))
     roles = {n: "inner" for n in names}
-    if names:
-        roles[names[0]] = "first"
-        roles[names[-1]] = "first_last" if len(names) == 1 else "last"
+    if not names:
+        return roles
+    last = {names[-1]}
+    if isinstance(model, fx.GraphModule):
+        from qtemperate.quantization.graph import output_layers
+
+        # Every head of a multi-output model is a last layer; fake-quant and observer
+        # modules between a layer and the output are walked through.
+        layer_ids = {id(model.get_submodule(n)) for n in names}
+        last = output_layers(model, lambda m: id(m) in layer_ids) or last
+    roles[names[0]] = "first"
+    for n in last:
+        roles[n] = "first_last" if roles[n] == "first" else "last"
     return roles
 
 
