@@ -395,7 +395,7 @@ def test_every_output_head_of_a_multi_output_model_keeps_its_width() -> None:
     torch.manual_seed(0)
     model, x = Detector(), torch.randn(2, 1, 8, 8)
     before = {k: v.shape for k, v in model(x).items()}
-    pruned, report = prune(model, x, target_params_ratio=0.6)
+    pruned, _ = prune(model, x, target_params_ratio=0.6)
     assert {k: v.shape for k, v in pruned(x).items()} == before
     assert (pruned.feat.weight.shape, pruned.cls.weight.shape[0], pruned.box.weight.shape[0]) == (
         torch.Size([24, pruned.c2.weight.shape[0]]), 5, 4,
