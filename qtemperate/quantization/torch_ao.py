@@ -268,14 +268,24 @@ def set_ao_bit_width(model: nn.Module, weight_bits: int, act_bits: int) -> nn.Mo
     """Switch a QAT-prepared torch.ao model's fake-quant ranges in place (see module docstring).
 
     Raises:
-        ValueError: for a converted model (packed weights cannot change width), or a bit
-            width wider than a quantizer's storage dtype, naming the layer.
+        ValueError: for a converted model (packed weights cannot change width), a model
+            prepared for post-training quantization (observers only), or a bit width wider
+            than a quantizer's storage dtype, naming the layer.
     """
     if ao_kind(model) == "converted":
         raise ValueError(
             "this torch.ao model is converted: its weights are packed integer tensors and "
             "cannot change bit width; call set_bit_width on the QAT-prepared model "
             "(before torch.ao.quantization.convert / convert_fx) and convert again"
+        )
+    if not any(isinstance(m, FakeQuantizeBase) for m in model.modules()):
+        # Observers only (prepare / prepare_fx): the forward runs in float and the weight
+        # observers are created by convert from the qconfig, so nothing here sets a width.
+        raise ValueError(
+            "this torch.ao model is prepared for post-training quantization (observers, no "
+            "fake-quant): its forward runs in float and its weights are observed only at "
+            "convert, so set_bit_width cannot change it; set quant_min/quant_max in its "
+            "qconfig before prepare, or prepare it for QAT (prepare_qat / prepare_qat_fx)"
         )
     roles = _weight_roles(model)
     inputs = _input_quantizers(model)
@@ -325,6 +335,6 @@ def check_ao_exportable(model: nn.Module) -> None:
             else "torch.ao.quantization.convert(model.eval())"
         )
         raise ValueError(
-            "this is a torch.ao model prepared for QAT (fake-quant modules): convert it "
-            f"first with {convert} and export the converted model"
+            "this is a torch.ao model prepared for quantization (fake-quant / observer "
+            f"modules): convert it first with {convert} and export the converted model"
         )

@@ -181,10 +181,32 @@ def test_exporting_a_prepared_model_says_to_convert_it(
 ) -> None:  # type: ignore[no-untyped-def]
     model = eager if flow == "eager" else fx_prepared
     what = "convert_fx" if flow == "fx" else "torch.ao.quantization.convert"
-    with pytest.raises(ValueError, match=f"prepared for QAT.*{what}"):
+    with pytest.raises(ValueError, match=f"prepared for quantization.*{what}"):
         export_onnx(model, tmp_path / "prepared.onnx", torch.randn(1, 1, 8, 8))
 
 
 def test_quantize_refuses_a_torch_ao_model_and_says_what_works(eager) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=r"torch\.ao prepared model.*set_bit_width"):
         quantize(eager)
+
+
+@pytest.mark.parametrize("flow", ["eager", "fx"])
+def test_a_model_prepared_for_post_training_quantization_is_refused_not_ignored(flow: str) -> None:
+    """Observers only: the forward is float, so set_bit_width cannot be a silent no-op."""
+    x = torch.randn(8, 1, 8, 8)
+    if flow == "eager":
+        m = AoNet().eval()
+        m.qconfig = tq.get_default_qconfig("x86")
+        prepared = tq.prepare(m)
+    else:
+        prepared = quantize_fx.prepare_fx(AoNet().eval(), tq.get_default_qconfig_mapping("x86"), (x[:1],))
+    prepared(x)
+    before = copy.deepcopy(prepared.state_dict())
+    with pytest.raises(ValueError, match=r"post-training quantization.*qconfig"):
+        set_bit_width(prepared, 4, 4)
+    after = prepared.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # nothing in its forward is quantized: every weight counts at 32 bits
+    size = model_size(prepared)
+    assert set(size.bits.values()) == {32}
+    assert size.quantized_bytes == 4 * sum(p.numel() for p in prepared.parameters())
