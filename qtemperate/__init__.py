@@ -87,9 +87,11 @@ if TYPE_CHECKING:
     from qtemperate.pruning import pruning_plan as pruning_plan
     from qtemperate.pruning import recalibrate_batchnorm as recalibrate_batchnorm
     from qtemperate.quantization import QuantConfig as QuantConfig
+    from qtemperate.quantization import QuantizationReport as QuantizationReport
     from qtemperate.quantization import ResidualAddMarker as ResidualAddMarker
     from qtemperate.quantization import get_bit_widths as get_bit_widths
     from qtemperate.quantization import get_quant_config as get_quant_config
+    from qtemperate.quantization import quantization_report as quantization_report
     from qtemperate.quantization import quantize as quantize
     from qtemperate.quantization import set_bit_width as set_bit_width
     from qtemperate.schedule_switches import ModelFacts as ModelFacts
@@ -147,6 +149,8 @@ _LAZY = {
     "get_quant_config": "qtemperate.quantization",
     "QuantConfig": "qtemperate.quantization",
     "ResidualAddMarker": "qtemperate.quantization",
+    "QuantizationReport": "qtemperate.quantization",
+    "quantization_report": "qtemperate.quantization",
     "VerifyReport": "qtemperate.export",
     "count_macs": "qtemperate.size",
     "DATASETS": "qtemperate.data",
@@ -218,6 +222,7 @@ __all__ = [
     "PruneReport",
     "QtemperateError",
     "QuantConfig",
+    "QuantizationReport",
     "Recipe",
     "RecipeError",
     "Registry",
@@ -269,6 +274,7 @@ __all__ = [
     "preflight",
     "prune",
     "pruning_plan",
+    "quantization_report",
     "quantize",
     "read_wandb_run",
     "recalibrate_batchnorm",

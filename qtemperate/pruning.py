@@ -28,7 +28,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -98,6 +98,7 @@ class PruneReport:
         trials: Trial prunings spent by the ratio search (including refinements).
         seconds: Wall time of the whole call.
         layer_widths: Conv/Linear name -> (out channels/features before, after).
+        heads: ``attention_heads`` layer name -> (heads before, after).
     """
 
     params_before: int
@@ -114,6 +115,7 @@ class PruneReport:
     trials: int
     seconds: float
     layer_widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    heads: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def achieved_ratio(self) -> float:
@@ -124,6 +126,7 @@ class PruneReport:
         """JSON/W&B-friendly dict (widths as ``[before, after]`` lists)."""
         out = asdict(self)
         out["layer_widths"] = {k: list(v) for k, v in self.layer_widths.items()}
+        out["heads"] = {k: list(v) for k, v in self.heads.items()}
         out["achieved_ratio"] = self.achieved_ratio
         return out
 
@@ -319,9 +322,11 @@ class _Pruning:
         target: str,
         max_layer_ratio: float,
         round_to: int | None = None,
+        heads: dict[str, int] | None = None,
     ) -> None:
         self.model = model  # unpruned working copy, eval mode
         self.round_to = round_to
+        self.heads = dict(heads or {})
         self.inputs = example_inputs
         self.ignored_names = ignored_names
         self.target = target
@@ -339,12 +344,21 @@ class _Pruning:
         """Largest uniform ratio keeping every group at >= (1 - max) of its width (and >= 1)."""
         dg = self._trial_pruner().DG
         ignored = [s for m in self._ignored(self.model) for s in m.modules()]
+        head_layers = {self.model.get_submodule(n): h for n, h in self.heads.items()}
         bound = 1.0
+        for h in head_layers.values():
+            keep = max(1, math.ceil(h * (1.0 - self.max_layer_ratio) - 1e-9))
+            if keep < h:
+                bound = min(bound, (h - keep) / h)
         for group in dg.get_all_groups(
             ignored_layers=ignored, root_module_types=[nn.modules.conv._ConvNd, nn.Linear]
         ):
-            n = len(group[0][1])
+            if any(dep.target.module in head_layers for dep, _ in group):
+                continue  # width inside heads is not pruned: whole heads are
+            n = len(group[0][1]) // _channel_groups(dg, group)
             keep = max(1, math.ceil(n * (1.0 - self.max_layer_ratio) - 1e-9))
+            if keep >= n:
+                continue  # never pruned
             bound = min(bound, 1.0 - keep / n)
         return max(0.0, bound - 1e-9)
 
@@ -353,7 +367,12 @@ class _Pruning:
         model = copy.deepcopy(self.model)
         if ratio <= 0.0:
             return model
-        if steps == 1:
+        heads = {model.get_submodule(n): h for n, h in self.heads.items()}
+        if heads:
+            # torch-pruning applies each step's cumulative head ratio to the heads that are
+            # left, so iterative steps would remove all heads: heads go in one step
+            steps = 1
+        elif steps == 1:
             self._trial_pruner()  # decides whether groups can be replayed
             if self._replayable:
                 return self._replay(model, ratio, importance)
@@ -367,9 +386,25 @@ class _Pruning:
             iterative_steps=steps,
             iterative_pruning_ratio_scheduler=_tp_scheduler,
             ignored_layers=self._ignored(model),
+            # fresh dicts: torch-pruning's defaults are shared mutable dicts that would keep
+            # every trial copy alive and leak its channel groups into the next pruner
+            in_channel_groups={},
+            out_channel_groups={},
+            num_heads=heads,
+            prune_num_heads=bool(heads),
+            prune_head_dims=not heads,
+            head_pruning_ratio=ratio if heads else 0.0,
         )
-        for _ in range(steps):
-            pruner.step()
+        try:
+            for _ in range(steps):
+                pruner.step()
+        except (IndexError, RuntimeError, KeyError) as exc:  # torch-pruning lost track of a dim
+            hint = _HEADS_GIVEN_HINT if heads else _PRUNING_HINT
+            raise ValueError(
+                f"torch-pruning failed on this model ({type(exc).__name__}: {exc}). {hint}"
+            ) from exc
+        after = {n: pruner.num_heads[model.get_submodule(n)] for n in self.heads}
+        _write_head_counts(model, self.heads, after)
         return model
 
     def measure(self, model: nn.Module) -> float:
@@ -391,12 +426,15 @@ class _Pruning:
                 iterative_steps=1,
                 iterative_pruning_ratio_scheduler=_tp_scheduler,
                 ignored_layers=self._ignored(self.model),
+                in_channel_groups={},  # fresh dicts (torch-pruning's defaults are shared)
+                out_channel_groups={},
             )
             _cache_groups(self._planner.DG)  # the working model is never pruned: groups stay
             in_model = {id(m) for m in self.model.modules()}
             # Concat/split/slice nodes keep sizes that pruning updates group by group: with
             # them the groups must be pruned one after another, on a copy, as before.
-            self._replayable = all(
+            # Whole-head pruning is torch-pruning's own (num_heads): not replayed either.
+            self._replayable = not self.heads and all(
                 id(m) in in_model or isinstance(m, _STATELESS_OPS) for m in self._planner.DG.module2node
             )
             self._counts_widths = self._counts_widths and self._replayable
@@ -523,6 +561,94 @@ class _Pruning:
         return hi, f_hi_true
 
 
+_HEAD_ATTRS = ("num_heads", "n_heads", "heads", "num_attention_heads")
+
+
+def _channel_groups(dg: tp.DependencyGraph, group: Any) -> int:
+    """Interleaved channel groups of a pruning group, as torch-pruning's ``BasePruner`` counts them.
+
+    GroupNorm ``num_groups`` and grouped (not depthwise) convolutions; the largest wins.
+    """
+    out = 1
+    for dep, _ in group:
+        m = dep.target.module
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels):
+            continue
+        out_fn = dg.is_out_channel_pruning_fn(dep.handler)
+        get = pruner.get_out_channel_groups if out_fn else pruner.get_in_channel_groups
+        try:
+            out = max(out, int(get(m)))
+        except Exception:  # a pruner without channel groups
+            continue
+    return out
+
+
+def _write_head_counts(model: nn.Module, before: dict[str, int], after: dict[str, int]) -> None:
+    """Give each attention module its new head count (``num_heads`` & co.) after head pruning.
+
+    The parent of the q/k/v (or fused qkv) layers usually reshapes with ``self.num_heads``;
+    with whole heads removed the head size is unchanged and the count must follow.
+    """
+    for name, h0 in before.items():
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        for attr in _HEAD_ATTRS:
+            if getattr(parent, attr, None) == h0 and not isinstance(getattr(parent, attr), bool):
+                setattr(parent, attr, after[name])
+
+
+def _check_heads(model: nn.Module, attention_heads: Mapping[nn.Module, int] | None) -> dict[str, int]:
+    """``{layer name: heads}`` of ``attention_heads`` (validated)."""
+    if not attention_heads:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, int] = {}
+    for layer, h in attention_heads.items():
+        if id(layer) not in names:
+            raise ValueError(f"attention_heads contains a module that is not part of model: {layer!r}")
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(
+                f"attention_heads: {names[id(layer)]} is a {type(layer).__name__}; give the q/k/v "
+                "(or fused qkv) nn.Linear layers of a hand-written attention (nn.MultiheadAttention "
+                "needs no entry: torch-pruning shrinks its head size)"
+            )
+        if not isinstance(h, int) or isinstance(h, bool) or h < 1 or layer.out_features % h:
+            raise ValueError(
+                f"attention_heads[{names[id(layer)]}] must be an int >= 1 dividing its "
+                f"{layer.out_features} outputs, got {h!r}"
+            )
+        out[names[id(layer)]] = h
+    return out
+
+
+_PRUNING_HINT = (
+    "A forward that reshapes with a fixed head count or width (hand-written attention) "
+    "needs attention_heads={q_layer: heads, k_layer: heads, v_layer: heads} (or "
+    "{qkv_layer: heads}) so whole heads are removed, and must reshape with -1 rather than a "
+    "width captured before pruning; otherwise add the layers whose width must not change "
+    "to ignored_layers"
+)
+
+
+_HEADS_GIVEN_HINT = (
+    "It could not follow the attention even with attention_heads: split q/k/v with "
+    "qkv.unbind(0) rather than by indexing, reshape with -1 rather than a width captured "
+    "before pruning, or put the attention's layers in ignored_layers"
+)
+
+
+def _check_forward(model: nn.Module, inputs: Any) -> None:
+    """Run the pruned model once; a broken forward becomes an error that says what to do."""
+    try:
+        with torch.no_grad():
+            model(*inputs) if isinstance(inputs, tuple | list) else model(inputs)
+    except Exception as exc:
+        raise ValueError(
+            f"the pruned model's forward fails ({type(exc).__name__}: {exc}). {_PRUNING_HINT}"
+        ) from exc
+
+
 def _check_target(params_ratio: float | None, macs_ratio: float | None) -> tuple[str, float, str]:
     """``(target, goal, argument name)`` of exactly one of the two ratios in (0, 1]."""
     if (params_ratio is None) == (macs_ratio is None):
@@ -564,18 +690,30 @@ def _importance_factory(
     )
 
 
-def _ignored_names(model: nn.Module, ignored_layers: Sequence[nn.Module] | None) -> list[str]:
-    """Qualified names of the ignored modules plus the classifier (its outputs are the classes)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    ignored = list(ignored_layers or [])
+def _output_layers(model: nn.Module) -> list[nn.Module]:
+    """The conv/linear layers producing the model's outputs: every head of a multi-output model.
+
+    Found on the FX graph (walking back from each output through non-layer operations);
+    an untraceable model falls back to :func:`_default_classifier`.
+    """
+    from qtemperate.graph_outputs import output_layer_names
+
+    names = output_layer_names(model, lambda m: isinstance(m, nn.modules.conv._ConvNd | nn.Linear))
+    if names:
+        return [model.get_submodule(n) for n in sorted(names)]
     classifier = _default_classifier(model)
-    if classifier is not None:
-        ignored.append(classifier)
+    return [] if classifier is None else [classifier]
+
+
+def _ignored_names(model: nn.Module, ignored_layers: Sequence[nn.Module] | None) -> list[str]:
+    """Qualified names of the ignored modules plus the output layers (their widths are the outputs)."""
+    names = {id(m): n for n, m in model.named_modules()}
     out: list[str] = []
-    for m in ignored:
+    for m in ignored_layers or []:
         if id(m) not in names:
             raise ValueError(f"ignored_layers contains a module that is not part of model: {m!r}")
         out.append(names[id(m)])
+    out += [names[id(m)] for m in _output_layers(model) if names[id(m)] not in out]
     return out
 
 
@@ -591,12 +729,15 @@ def prune(
     calibration_loader: Iterable[Any] | None = None,
     bn_batches: int = 20,
     round_to: int | None = None,
+    attention_heads: Mapping[nn.Module, int] | None = None,
 ) -> tuple[nn.Module, PruneReport]:
     """Channel-prune a float model to a parameter or MAC budget.
 
     The input ``model`` is not modified: a deep copy is pruned and returned (in the
-    input's train/eval mode). The classifier (last ``nn.Linear``, or last conv if
-    there is none) and every module in ``ignored_layers`` keep their output width.
+    input's train/eval mode). The output layers (every conv/linear whose output reaches
+    a model output: the classifier, or each head of a model returning a dict/tuple; the
+    last ``nn.Linear``, else the last conv, when the model is not FX-traceable) and every
+    module in ``ignored_layers`` keep their output width.
 
     Args:
         model: Float model (conv/linear/BN; residual adds are followed by DepGraph).
@@ -618,6 +759,15 @@ def prune(
             (onnxruntime's QLinearConv, most NPUs) run odd widths far slower: a
             ResNet-8 pruned to widths like 15/30/61 ran int8 barely faster than float.
             Coarser widths make the target harder to hit exactly.
+        attention_heads: ``{layer: heads}`` for the q/k/v (or fused qkv) ``nn.Linear``
+            layers of hand-written attention. Their whole heads are removed (at the same
+            uniform ratio as channels, at least one head kept) instead of channels inside
+            heads, and the parent module's ``num_heads`` (or ``n_heads``/``heads``)
+            attribute is set to the new count, so a forward reshaping to
+            ``(b, n, self.num_heads, self.head_dim)`` stays valid. ``nn.MultiheadAttention``
+            needs no entry (torch-pruning shrinks its head size consistently). With heads the
+            pruning runs in one step (torch-pruning's iterative head schedule would remove
+            every head).
 
     Returns:
         ``(pruned_model, report)``; ``report.achieved_ratio`` is within 0.03 of the
@@ -634,7 +784,8 @@ def prune(
     target, goal, _ = _check_target(target_params_ratio, target_macs_ratio)
     _check_counts(iterative_steps, max_layer_ratio, bn_batches, round_to)
     _importance_factory(importance)  # an unknown name fails before any work
-    pruner = ChannelPruner(model, example_inputs, target, max_layer_ratio, round_to, ignored_layers)
+    pruner = ChannelPruner(model, example_inputs, target, max_layer_ratio, round_to, ignored_layers,
+                           attention_heads=attention_heads)
     return pruner.prune(goal, importance, iterative_steps, calibration_loader, bn_batches, _start=start)
 
 
@@ -652,6 +803,7 @@ class ChannelPruner:
         max_layer_ratio: As :func:`prune`.
         round_to: As :func:`prune`.
         ignored_layers: As :func:`prune` (modules of ``model``).
+        attention_heads: As :func:`prune`.
     """
 
     def __init__(
@@ -662,6 +814,7 @@ class ChannelPruner:
         max_layer_ratio: float = 0.9,
         round_to: int | None = None,
         ignored_layers: Sequence[nn.Module] | None = None,
+        attention_heads: Mapping[nn.Module, int] | None = None,
     ) -> None:
         if target not in ("params", "macs"):
             raise ValueError(f"target must be 'params' or 'macs', got {target!r}")
@@ -670,8 +823,9 @@ class ChannelPruner:
         self.was_training = model.training
         work = copy.deepcopy(model).eval()  # eval: tracing forwards must not touch BN stats
         self.inputs = _to_device(example_inputs, _model_device(work))
+        heads = _check_heads(model, attention_heads)
         self.state = _Pruning(work, self.inputs, _ignored_names(model, ignored_layers), target,
-                              max_layer_ratio, round_to)
+                              max_layer_ratio, round_to, heads)
         self.widths_before = _widths(work)
         self._r_max: float | None = None
 
@@ -713,6 +867,7 @@ class ChannelPruner:
                 stacklevel=3,
             )
 
+        _check_forward(pruned, self.inputs)
         if calibration_loader is not None:
             recalibrate_batchnorm(pruned, calibration_loader, bn_batches)
         pruned.train(self.was_training)
@@ -730,9 +885,13 @@ class ChannelPruner:
             target=target,
             target_ratio=goal,
             importance=imp_name,
-            iterative_steps=iterative_steps,
+            iterative_steps=1 if state.heads else iterative_steps,
             trials=state.trials,
             seconds=time.perf_counter() - start,
             layer_widths={n: (w, widths_after.get(n, 0)) for n, w in self.widths_before.items()},
+            heads={
+                n: (h, pruned.get_submodule(n).out_features // (state.model.get_submodule(n).out_features // h))
+                for n, h in state.heads.items()
+            },
         )
         return pruned, report

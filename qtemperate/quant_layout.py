@@ -11,8 +11,12 @@ removes channels, not layers, and keeps module names):
   ``first_last`` or ``inner``: first/last layers take ``first_last_bits``);
 * the convolutions a BatchNorm is folded into (they gain a bias; the BatchNorm's parameters
   disappear);
-* the number of learned activation thresholds: one per ReLU, residual add, average pool and
-  input quantizer (of each layer reading the model input).
+* the number of learned activation thresholds: one per ReLU, residual add or average pool
+  (a model holding one its forward never calls gets no layout), one input
+  quantizer per layer reading the model input or any tensor that is not a quantizer's
+  output (a residual sum, a linear layer's output, ...), and one per BatchNorm that is not
+  folded (it reads a quantized input, :class:`~qtemperate.quantization.ops.QuantNormInput`,
+  and its parameters are reported under ``<name>.norm``).
 
 :meth:`QuantLayout.size` then gives, from the candidate's widths alone, exactly the
 :class:`~qtemperate.size.SizeReport` that ``model_size(quantize(model, ...))`` reports
@@ -21,15 +25,14 @@ per tensor), float32 biases, float32 thresholds, every other parameter float32.
 
 These are the decisions of :func:`qtemperate.quantization.quantize` (BatchNorm folding on
 the FX graph, first/last layers, module replacement), made here without Brevitas. A model
-with a module whose treatment is not mirrored here gets no layout (:func:`quant_layout`
-returns ``None``) and the planner counts bytes on the quantized model instead;
+with a module or a functional operation whose treatment is not mirrored here, or that FX
+cannot trace, gets no layout (:func:`quant_layout` returns ``None``) and the planner counts bytes on the quantized model instead;
 ``tests/test_quant_layout.py`` pins the equality on the model zoo and on a model holding
 every supported module type.
 """
 
 from __future__ import annotations
 
-import itertools
 import operator
 import sys
 from dataclasses import dataclass
@@ -50,6 +53,18 @@ _PASSIVE = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten)
 # quantize()'s first-layer search walks through these modules (and through any function or
 # method call except torch.add): the layers reached from the input get an input quantizer.
 _FIRST_LAYER_PASSTHROUGH = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.Flatten)
+# A layer reading a quantizer's output through these (values unchanged) needs no input
+# quantizer of its own (quantization.graph._input_quantizer_sources).
+_SOURCE_PASSTHROUGH = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten)
+_SOURCE_FUNCTIONS = (torch.flatten, torch.reshape, nn.functional.max_pool1d, nn.functional.max_pool2d,
+                     nn.functional.dropout)
+_SOURCE_METHODS = ("flatten", "view", "reshape", "contiguous")
+_PRODUCERS = (nn.ReLU, *_POOLS)  # modules quantize() ends with a quantizer (among the supported)
+# Functional operations quantize() leaves alone (data movement): any other call_function /
+# call_method is rewritten into a quantized module, which the layout does not mirror.
+_PLAIN_FUNCTIONS = (*_SOURCE_FUNCTIONS, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+                    operator.getitem, getattr)
+_PLAIN_METHODS = (*_SOURCE_METHODS, "permute", "transpose", "squeeze", "unsqueeze", "size", "dim")
 _ADD_TARGETS = (operator.add, torch.add)
 _ADD_CACHE: dict[type, bool] = {}
 
@@ -98,57 +113,65 @@ def _trace(model: nn.Module) -> fx.GraphModule | None:
         return None
 
 
-def _fold_pairs(model: nn.Module, gm: fx.GraphModule | None, modules: dict[str, nn.Module]) -> dict[str, str]:
+def _fold_pairs(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, str]:
     """``{conv: bn}`` folded by quantize: a BN reading a conv that has no other user."""
-    pairs: list[tuple[str, str]] = []
-    if gm is not None:
-        for node in gm.graph.nodes:
-            if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCH_NORMS):
-                continue
-            src = node.args[0]
-            if (isinstance(src, fx.Node) and src.op == "call_module"
-                    and isinstance(modules.get(src.target), _FOLDED_INTO) and len(src.users) == 1):
-                pairs.append((src.target, node.target))
-    else:
-        for parent_name, parent in model.named_modules():
-            for (cname, c), (bname, b) in itertools.pairwise(parent.named_children()):
-                if isinstance(c, _FOLDED_INTO) and isinstance(b, _BATCH_NORMS):
-                    prefix = f"{parent_name}." if parent_name else ""
-                    pairs.append((prefix + cname, prefix + bname))
     out: dict[str, str] = {}
-    for conv, bn in pairs:
-        if modules[bn].num_features == modules[conv].out_channels and modules[bn].running_mean is not None:
-            out[conv] = bn
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _BATCH_NORMS):
+            continue
+        src = node.args[0]
+        if (isinstance(src, fx.Node) and src.op == "call_module"
+                and isinstance(modules.get(src.target), _FOLDED_INTO) and len(src.users) == 1):
+            conv, bn = str(src.target), str(node.target)
+            if modules[bn].num_features == modules[conv].out_channels and modules[bn].running_mean is not None:
+                out[conv] = bn
     return out
 
 
-def _first_last(model: nn.Module, gm: fx.GraphModule | None, modules: dict[str, nn.Module],
-                folded_bns: set[str]) -> tuple[set[str], set[str]]:
-    """Layers reading the model input, and the last conv/linear layer (as quantize finds them)."""
-    if gm is not None:
-        first: set[str] = set()
-        frontier = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        seen: set[fx.Node] = set()
-        while frontier:
-            node = frontier.pop()
-            for user in node.users:
-                if user in seen:
-                    continue
-                seen.add(user)
-                mod = modules.get(user.target) if user.op == "call_module" else None
-                # quantize() searches after folding: a folded BN is an Identity by then
-                passthrough = isinstance(mod, _FIRST_LAYER_PASSTHROUGH) or (
-                    user.op == "call_module" and user.target in folded_bns)
-                if isinstance(mod, _WEIGHT_LAYERS):
-                    first.add(user.target)
-                elif passthrough or (user.op in ("call_method", "call_function") and user.target not in (torch.add,)):
-                    frontier.append(user)
-        ordered = [n.target for n in gm.graph.nodes
-                   if n.op == "call_module" and isinstance(modules.get(n.target), _WEIGHT_LAYERS)]
-        if first and ordered:
-            return first, {ordered[-1]}
-    ordered = [name for name, m in model.named_modules() if isinstance(m, _WEIGHT_LAYERS)]
+def _first_last(gm: fx.GraphModule, modules: dict[str, nn.Module], folded_bns: set[str]) -> tuple[set[str], set[str]]:
+    """Layers reading the model input, and the layers producing its outputs (as quantize finds them)."""
+    from qtemperate.graph_outputs import output_layers
+
+    first: set[str] = set()
+    frontier = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    seen: set[fx.Node] = set()
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            mod = modules.get(user.target) if user.op == "call_module" else None
+            # quantize() searches after folding: a folded BN is an Identity by then
+            passthrough = isinstance(mod, _FIRST_LAYER_PASSTHROUGH) or (
+                user.op == "call_module" and user.target in folded_bns)
+            if isinstance(mod, _WEIGHT_LAYERS):
+                first.add(user.target)
+            elif passthrough or (user.op in ("call_method", "call_function") and user.target not in (torch.add,)):
+                frontier.append(user)
+    ordered = [n.target for n in gm.graph.nodes
+               if n.op == "call_module" and isinstance(modules.get(n.target), _WEIGHT_LAYERS)]
+    if first and ordered:
+        return first, output_layers(gm, lambda m: isinstance(m, _WEIGHT_LAYERS)) or {ordered[-1]}
+    ordered = [name for name, m in modules.items() if isinstance(m, _WEIGHT_LAYERS)]
     return ({ordered[0]}, {ordered[-1]}) if ordered else (set(), set())
+
+
+def _reads_a_quantizer(node: fx.Node, modules: dict[str, nn.Module], folded_bns: set[str]) -> bool:
+    """Whether a layer's input is a quantizer's output, looking through value-preserving ops."""
+    src = node.args[0] if node.args else None
+    while isinstance(src, fx.Node):
+        if src.op == "call_module":
+            mod = modules.get(str(src.target))
+            if isinstance(mod, _PRODUCERS):
+                return True
+            if not (isinstance(mod, _SOURCE_PASSTHROUGH) or src.target in folded_bns):
+                return False
+        elif not ((src.op == "call_function" and src.target in _SOURCE_FUNCTIONS)
+                  or (src.op == "call_method" and src.target in _SOURCE_METHODS)):
+            return False
+        src = src.args[0] if src.args else None
+    return False
 
 
 @dataclass(frozen=True)
@@ -159,11 +182,13 @@ class QuantLayout:
         roles: ``{layer: role}`` of every conv/linear layer ``quantize`` replaces.
         folded: ``{conv: batch_norm}`` folded pairs.
         thresholds: Learned activation thresholds (one float32 each).
+        norms: BatchNorms that are not folded (reported as ``<name>.norm``).
     """
 
     roles: dict[str, str]
     folded: dict[str, str]
     thresholds: int
+    norms: frozenset[str] = frozenset()
 
     def size(self, model: nn.Module, weight_bits: int, act_bits: int, first_last_bits: int = 8,
              per_channel: bool = True) -> SizeReport:
@@ -196,7 +221,7 @@ class QuantLayout:
             params += n
             qbytes += 4 * n
             if "weight" in own:
-                bits[name] = FLOAT_BITS
+                bits[f"{name}.norm" if name in self.norms else name] = FLOAT_BITS
         qbytes += 4 * self.thresholds
         float_bytes = 4 * params
         return SizeReport(float_bytes=float_bytes, quantized_bytes=qbytes,
@@ -219,8 +244,9 @@ def _supported(name: str, mod: nn.Module) -> bool:
 
 
 def quant_layout(model: nn.Module) -> QuantLayout | None:
-    """The :class:`QuantLayout` of a float model, or ``None`` when it holds a module type
-    whose conversion is not mirrored here (or is already quantized)."""
+    """The :class:`QuantLayout` of a float model, or ``None`` when it holds a module type or a
+    functional operation whose conversion is not mirrored here (or is already quantized, or
+    FX cannot trace it)."""
     if "brevitas" in sys.modules:  # a model holding Brevitas layers is already quantized
         from qtemperate.quantization import is_quantized
 
@@ -230,14 +256,33 @@ def quant_layout(model: nn.Module) -> QuantLayout | None:
     if not all(_supported(n, m) for n, m in modules.items()):
         return None
     gm = _trace(model)
-    folded = _fold_pairs(model, gm, modules)
-    first, last = _first_last(model, gm, modules, set(folded.values()))
+    if gm is None:
+        return None
+    for node in gm.graph.nodes:
+        if (node.op == "call_function" and node.target not in _PLAIN_FUNCTIONS) or (
+                node.op == "call_method" and node.target not in _PLAIN_METHODS):
+            return None  # quantize() rewrites it into a quantized module first
+    folded = _fold_pairs(gm, modules)
+    folded_bns = set(folded.values())
+    first, last = _first_last(gm, modules, folded_bns)
     roles: dict[str, str] = {}
     for name, mod in modules.items():
         if name and isinstance(mod, _WEIGHT_LAYERS):
             f, la = name in first, name in last
             roles[name] = "first_last" if f and la else "first" if f else "last" if la else "inner"
-    thresholds = len(first) + sum(
-        1 for n, m in modules.items() if n and (isinstance(m, (nn.ReLU, *_POOLS)) or _is_residual_add(m))
-    )
-    return QuantLayout(roles=roles, folded=folded, thresholds=thresholds)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module"]
+    norms = {str(n.target) for n in calls
+             if isinstance(modules.get(str(n.target)), _BATCH_NORMS) and n.target not in folded_bns}
+    called = {str(n.target) for n in calls}
+    thresholds = len(first) + len(norms)
+    for name, mod in modules.items():
+        if name and (isinstance(mod, _PRODUCERS) or _is_residual_add(mod)):
+            if name not in called:
+                return None  # whether quantize() keeps an unused module depends on other rewrites
+            thresholds += 1  # one quantizer per module, however often the forward calls it
+    for n in calls:
+        mod = modules.get(str(n.target))
+        if isinstance(mod, _WEIGHT_LAYERS) and n.target not in first and not _reads_a_quantizer(
+                n, modules, folded_bns):
+            thresholds += 1  # its own input quantizer
+    return QuantLayout(roles=roles, folded=folded, thresholds=thresholds, norms=frozenset(norms))

@@ -55,6 +55,7 @@ from qtemperate.heads import Task
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
 from qtemperate.preflight import ProtocolWarning, check_bundle, check_validation_split
+from qtemperate.quantization.report import quantization_summary
 from qtemperate.recipe import Recipe, RecipeError
 from qtemperate.run_dir import check_resume_compatible, claim_run_dir, metrics_size
 from qtemperate.schedule_switches import ModelFacts, resolve_switches, write_temperature_table
@@ -305,7 +306,8 @@ class Trainer:
             stage = sched.stages[idx]
             if idx != stage_idx:
                 student = enter_stage(distributed.unwrap(student), stage, quantized_now, r.student, device,
-                                      loaders.calib)
+                                      loaders.calib, report_dir=self.run_dir if main else None,
+                                      say=say if main else None)
                 fault_point("stage_switch")
                 agreed = distributed.sync_module_(student)
                 quantized_now = quantized_now or stage.quantized
@@ -363,7 +365,8 @@ class Trainer:
         export = self._export(student, teacher, bundle) if main else {}
         prog.elapsed_s += time.perf_counter() - t_start
         summary = {**self._summary(teacher_acc, student_acc, t_size, s_size, plan, prog, export),
-                   **run_facts(r, bundle, teacher), **switches.summary()}
+                   **run_facts(r, bundle, teacher), **switches.summary(),
+                   **quantization_summary(distributed.unwrap(student))}  # float leftovers, real act bits
         if main:
             write_json_atomic(self.run_dir / SUMMARY, summary)
             # Flat W&B summary, stages and tradeoff tables, student.pt and *.onnx artifacts, schedule figure.

@@ -291,3 +291,114 @@ def test_round_to_keeps_channel_multiples() -> None:
     assert kept == pytest.approx(report.params_ratio) and kept < 0.75
     with pytest.raises(ValueError, match="round_to"):
         prune(model, x, target_params_ratio=0.5, round_to=0)
+
+
+# --------------------------------------------------------------------------- GroupNorm, heads
+def test_groupnorm_targets_that_torch_pruning_reaches_are_reached() -> None:
+    """GroupNorm(8, 16) prunes group-wise: above ratio 0.5 torch-pruning would empty a group and
+    skips it (kept fraction back to 1.0), which the search read as "unreachable"."""
+    import torch_pruning as tp
+
+    from tests.quantization.architectures import GroupNormCNN
+
+    x = torch.randn(2, 1, 8, 8)
+    model = GroupNormCNN().eval()
+    pruned, report = prune(model, x, target_params_ratio=0.5)
+    assert abs(report.params_ratio - 0.5) <= TOL
+    assert report.params_ratio == pytest.approx(_numel(pruned) / _numel(model))
+    assert pruned(x).shape == (2, 10)
+    # the same channel ratio in plain torch-pruning gives the same model size
+    plain = GroupNormCNN().eval()
+    pr = tp.pruner.BasePruner(
+        plain, x, importance=tp.importance.RandomImportance(), pruning_ratio=report.channel_ratio,
+        max_pruning_ratio=0.9, ignored_layers=[plain.fc], in_channel_groups={}, out_channel_groups={},
+    )
+    pr.step()
+    assert _numel(plain) == _numel(pruned)
+    # each GroupNorm keeps whole positions of every group
+    for gn in (pruned.gn1, pruned.gn2, pruned.gn3):
+        assert gn.num_channels % gn.num_groups == 0
+
+
+def test_a_groupnorm_with_one_channel_per_group_stays_whole_and_does_not_block() -> None:
+    from tests.quantization.architectures import GroupNormCNN
+
+    model = GroupNormCNN().eval()
+    model.gn1 = nn.GroupNorm(16, 16)  # one channel per group: torch-pruning never prunes it
+    pruned, report = prune(model, torch.randn(2, 1, 8, 8), target_params_ratio=0.65)
+    assert pruned.conv1.out_channels == 16 and abs(report.params_ratio - 0.65) <= TOL
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters")  # the position embedding
+def test_hand_written_attention_loses_whole_heads() -> None:
+    from tests.quantization.architectures import HandAttentionClassifier
+
+    x = torch.randn(2, 1, 8, 8)
+    model = HandAttentionClassifier().eval()
+    with pytest.raises(ValueError, match="attention_heads"):
+        prune(model, x, target_params_ratio=0.6)  # the reshape to 4 heads breaks: said so
+    a = model.attn
+    pruned, report = prune(model, x, target_params_ratio=0.6, attention_heads={a.q: 4, a.k: 4, a.v: 4})
+    assert abs(report.params_ratio - 0.6) <= TOL
+    heads = pruned.attn.num_heads
+    assert report.heads == {"attn.q": (4, heads), "attn.k": (4, heads), "attn.v": (4, heads)}
+    assert 1 <= heads < 4 and pruned.attn.head_dim == 8  # whole heads go, head size stays
+    assert pruned.attn.q.out_features == heads * 8 == pruned.attn.proj.in_features
+    assert pruned(x).shape == (2, 10)
+    assert report.to_dict()["heads"]["attn.q"] == [4, heads]
+
+
+def test_attention_heads_are_validated() -> None:
+    from tests.quantization.architectures import HandAttentionClassifier, MHAClassifier
+
+    model = HandAttentionClassifier().eval()
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"attention_heads\[attn.q\].*dividing its 32"):
+        prune(model, x, target_params_ratio=0.6, attention_heads={model.attn.q: 5})
+    with pytest.raises(ValueError, match="not part of model"):
+        prune(model, x, target_params_ratio=0.6, attention_heads={nn.Linear(4, 4): 2})
+    mha = MHAClassifier().eval()
+    with pytest.raises(ValueError, match=r"nn\.MultiheadAttention needs no entry"):
+        prune(mha, x, target_params_ratio=0.6, attention_heads={mha.attn: 4})
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters")
+def test_attention_torch_pruning_cannot_follow_is_an_error_that_says_what_to_do() -> None:
+    from tests.quantization.architectures import FusedQKVClassifier
+
+    model = FusedQKVClassifier().eval()
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"IndexError.*attention_heads=\{q_layer"):  # was a bare IndexError
+        prune(model, x, target_params_ratio=0.8)
+    with pytest.raises(ValueError, match=r"even with attention_heads: split q/k/v with qkv\.unbind"):
+        prune(model, x, target_params_ratio=0.8, attention_heads={model.attn.qkv: 4})
+
+
+def test_every_output_head_of_a_multi_output_model_keeps_its_width() -> None:
+    """A detector's feature head is read by the class/box heads, yet it is an output too."""
+
+    class Detector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+            self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.feat = nn.Linear(32, 24)
+            self.cls = nn.Linear(24, 5)
+            self.box = nn.Linear(24, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = self.pool(torch.relu(self.c2(torch.relu(self.c1(x))))).flatten(1)
+            f = torch.relu(self.feat(h))
+            return {"features": f, "logits": self.cls(f), "boxes": self.box(f)}
+
+    torch.manual_seed(0)
+    model, x = Detector(), torch.randn(2, 1, 8, 8)
+    before = {k: v.shape for k, v in model(x).items()}
+    pruned, _ = prune(model, x, target_params_ratio=0.6)
+    assert {k: v.shape for k, v in pruned(x).items()} == before
+    assert (pruned.feat.weight.shape, pruned.cls.weight.shape[0], pruned.box.weight.shape[0]) == (
+        torch.Size([24, pruned.c2.weight.shape[0]]), 5, 4,
+    )
+    assert pruned.c2.weight.shape[0] < 32  # the budget is met by the backbone
+    assert abs(_numel(pruned) / _numel(model) - 0.6) <= TOL

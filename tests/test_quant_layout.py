@@ -60,6 +60,20 @@ class KitchenSink(nn.Module):
         return self.head(self.bn_fc(self.fc(x)))
 
 
+class SharedReLU(nn.Module):
+    """One ReLU module called after two convolutions; a linear reading a linear's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)
+        self.relu, self.gap = nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.c2(self.relu(self.c1(x))))
+        return self.fc2(self.fc1(self.gap(x).flatten(1)))
+
+
 def _zoo() -> list[tuple[str, nn.Module]]:
     torch.manual_seed(0)
     return [
@@ -67,6 +81,7 @@ def _zoo() -> list[tuple[str, nn.Module]]:
         ("resnet8", build_model("resnet8", num_classes=10, in_channels=1, width=16)),
         ("small_cnn", build_model("small_cnn", num_classes=10, in_channels=1, width=8)),
         ("kitchen_sink", KitchenSink()),
+        ("shared_relu", SharedReLU()),
     ]
 
 
@@ -123,3 +138,24 @@ def test_modules_the_layout_does_not_mirror_give_no_layout(model: nn.Module) -> 
 def test_a_quantized_model_gives_no_layout() -> None:
     q = quantize(build_model("small_cnn", num_classes=10, in_channels=1, width=8), 8, 8)
     assert quant_layout(q) is None
+
+
+class _Functional(SharedReLU):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu(self.c2(self.relu(self.c1(x))))  # rewritten by quantize()
+        return self.fc2(self.fc1(self.gap(x).flatten(1)))
+
+
+def test_what_the_layout_does_not_mirror_gets_no_layout() -> None:
+    """A functional op quantize() rewrites, an uncalled ReLU, an untraceable forward: no
+    layout, so the planner counts bytes on the quantized model instead (never a guess)."""
+    unused = SharedReLU()
+    unused.spare = nn.ReLU()
+
+    class Untraceable(SharedReLU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.relu(self.c1(x)) if x.sum() > 0 else self.c1(x)  # data-dependent control flow
+            return self.fc2(self.fc1(self.gap(self.relu(self.c2(x))).flatten(1)))
+
+    for model in (_Functional(), unused, Untraceable()):
+        assert quant_layout(model.eval()) is None, type(model).__name__

@@ -202,3 +202,12 @@ def test_augmented_data_runs_teacher_every_step_and_resumes_exactly(tmp_path: Pa
         Trainer(recipe, run_dir=tmp_path / "b", progress=False, stop_after_epochs=1).run()
     resumed = Trainer(recipe, run_dir=tmp_path / "b", resume=True, progress=False).run()
     assert resumed["student_acc"] == full["student_acc"]
+
+
+def test_run_reports_what_is_really_quantized(full_run: tuple[Path, dict]) -> None:
+    run_dir, s = full_run
+    report = json.loads((run_dir / "quantization_report.json").read_text())
+    assert report["fully_quantized"] and s["float_ops"] == []
+    assert s["quantized_ops"] == len(report["rows"])
+    # activation bits where a quantizer applies them: 4 inside, 8 at the model input
+    assert s["act_bits_used"] == [4, 8]

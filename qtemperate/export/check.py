@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qtemperate.export.onnx import export_onnx
+from qtemperate.export.onnx import export_onnx, model_device
 from qtemperate.export.runtime import benchmark_onnx, verify_onnx
 from qtemperate.quantization import get_quant_config, is_quantized, set_bit_width
 
@@ -61,7 +61,7 @@ def export_and_check(
         ``teacher_onnx_max_abs_diff``) when it was exported.
     """
     out_dir = Path(out_dir)
-    device, was_training = next(student.parameters()).device, student.training
+    device, was_training = model_device(student), student.training
     student_cpu = student.to("cpu").eval()
     example = inputs[:1].cpu()
     try:
@@ -91,7 +91,7 @@ def export_and_check(
             else:
                 out["int8_onnx_latency_ms"] = out["onnx_latency_ms"]
         if teacher is not None:
-            t_device = next(teacher.parameters()).device
+            t_device = model_device(teacher)
             try:
                 tpath = export_onnx(teacher.to("cpu").eval(), out_dir / "teacher.onnx", example)
                 teacher_rep = verify_onnx(tpath, teacher, inputs.cpu())

@@ -27,11 +27,19 @@ from qtemperate.atomic import TEMP_SUFFIX, write_bytes_atomic
 from qtemperate.errors import DiskFull
 from qtemperate.export.qcdq import INT4_OPSET, postprocess_qcdq
 from qtemperate.quantization import is_quantized
+from qtemperate.quantization.torch_ao import check_ao_exportable
 
-__all__ = ["INPUT_NAME", "INT4_OPSET", "OUTPUT_NAME", "export_onnx"]
+__all__ = ["INPUT_NAME", "INT4_OPSET", "OUTPUT_NAME", "export_onnx", "model_device"]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` lives; CPU for a model without parameters (a converted torch.ao model)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def export_onnx(
@@ -71,8 +79,8 @@ def export_onnx(
         "opset_version": export_opset,
         "dynamo": False,
     }
-    device = next(qmodel.parameters()).device
-    x = example_input.to(device)
+    check_ao_exportable(qmodel)  # a torch.ao QAT-prepared model: says to convert it first
+    x = example_input.to(model_device(qmodel))
     was_training = qmodel.training
     qmodel.eval()
     try:

@@ -33,7 +33,7 @@ def _opset(model: onnx.ModelProto) -> int:
 
 def postprocess_qcdq(model: onnx.ModelProto, allow_int4: bool) -> onnx.ModelProto:
     inits = {i.name: i for i in model.graph.initializer}
-    int4_needed = allow_int4 and _has_int4_weights(model, inits)
+    int4_needed = allow_int4 and _has_int4_weights(model, inits) and not _shared_dq_reshape(model, inits)
     if int4_needed and _opset(model) < INT4_OPSET:
         model = _upgrade_opset(model, INT4_OPSET)
     _fold_weight_clips(model, use_int4=int4_needed)
@@ -132,6 +132,23 @@ def _has_int4_weights(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto]
         lo, hi = (numpy_helper.to_array(inits[clip.input[k]]) for k in (1, 2))
         if int(lo) >= -8 and int(hi) <= 7:
             return True
+    return False
+
+
+def _shared_dq_reshape(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    """An activation ``DequantizeLinear`` read by a ``Reshape`` and other nodes (GroupNorm's export).
+
+    onnxruntime 1.32 cannot load such an opset-21 graph: its QDQ propagation copies the
+    Q/DQ pair past the Reshape with ``output_dtype=INT8`` and its S8->U8 rewrite then
+    changes the zero point to UINT8 ("output_dtype INT8 does not match y_zero_point type
+    UINT8"). Such models keep INT8 weight storage at opset 20 (the values stay 4-bit).
+    """
+    users = _consumers(model)
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] not in inits:
+            readers = users.get(n.output[0], [])
+            if len(readers) > 1 and any(r.op_type == "Reshape" for r in readers):
+                return True
     return False
 
 

@@ -16,6 +16,8 @@ import onnx
 import torch
 from torch import nn
 
+from qtemperate.export.onnx import model_device
+
 __all__ = ["VerifyReport", "benchmark_onnx", "optimized_op_types", "verify_onnx"]
 
 def _session(path: str | Path, threads: int | None = None, optimized_path: str | None = None):
@@ -92,7 +94,7 @@ def verify_onnx(
     """
     sess = _session(path)
     name = sess.get_inputs()[0].name
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     max_diff, agree, n = 0.0, 0, 0

@@ -13,7 +13,21 @@ float module                   quantized replacement
 ``ResidualAdd`` (see below)    :class:`QuantResidualAdd`: one shared signed quantizer for both inputs
 ``nn.AdaptiveAvgPool2d`` /     :class:`QuantAvgPoolRequant`: the pool followed by a requantizing
 ``nn.AvgPool2d``               ``QuantIdentity`` so the classifier receives integer input
+activations, ``cat``, ``a*b``,  :mod:`.ops` (:class:`QuantActivation`, :class:`QuantConcat`,
+means, bilinear upsampling,     :class:`QuantMul`, :class:`QuantRequant`,
+norms, multi-head attention     :class:`QuantNormInput`, Brevitas ``QuantMultiheadAttention``);
+                                the decisions are in :mod:`.coverage`
 =============================  ==========================================================
+
+Functional calls of a forward (``F.relu6(x)``, ``torch.cat``, ``x * y``, ``x + y``) are
+turned into modules first (:mod:`.functional`), and a conv/linear whose input is not the
+output of a quantizer (a sum, a product, a normalized tensor) gets its own input quantizer.
+:func:`quantization_report` lists every operation of any model — quantized or float, and
+why — and ``quantize(..., strict=True)`` refuses float leftovers.
+
+:func:`get_bit_widths`, :func:`set_bit_width` and :func:`get_quant_config` also work on
+models built from stock ``brevitas.nn`` layers (:mod:`.proxies`, :mod:`.foreign`) and
+on torch.ao QAT models (:mod:`.torch_ao`).
 
 The layers that read the model input get an 8-bit signed ``input_quant`` so the first
 convolution already runs on integers in the exported ONNX graph.
@@ -78,6 +92,12 @@ from qtemperate.quantization.layers import QuantResidualAdd as QuantResidualAdd
 from qtemperate.quantization.layers import ResidualAddMarker as ResidualAddMarker
 from qtemperate.quantization.layers import is_quantized as is_quantized
 from qtemperate.quantization.layers import quantize_bias as quantize_bias
+from qtemperate.quantization.ops import QuantActivation as QuantActivation
+from qtemperate.quantization.ops import QuantConcat as QuantConcat
+from qtemperate.quantization.ops import QuantMul as QuantMul
+from qtemperate.quantization.ops import QuantNormInput as QuantNormInput
+from qtemperate.quantization.ops import QuantRequant as QuantRequant
+from qtemperate.quantization.proxies import BitWidthError as BitWidthError
 from qtemperate.quantization.quantizers import (
     Int8ActPerTensorFloatStatefulBitWidth as Int8ActPerTensorFloatStatefulBitWidth,
 )
@@ -90,19 +110,32 @@ from qtemperate.quantization.quantizers import (
 from qtemperate.quantization.quantizers import (
     Uint8ActPerTensorFloatStatefulBitWidth as Uint8ActPerTensorFloatStatefulBitWidth,
 )
+from qtemperate.quantization.report import FloatLeftoverError as FloatLeftoverError
+from qtemperate.quantization.report import LayerQuantization as LayerQuantization
+from qtemperate.quantization.report import QuantizationReport as QuantizationReport
+from qtemperate.quantization.report import quantization_report as quantization_report
 
 __all__ = [
     "MAX_BITS",
     "MIN_BITS",
+    "BitWidthError",
+    "FloatLeftoverError",
     "Int8ActPerTensorFloatStatefulBitWidth",
     "Int8WeightPerChannelFloatStatefulBitWidth",
     "Int8WeightPerTensorFloatStatefulBitWidth",
+    "LayerQuantization",
+    "QuantActivation",
     "QuantAvgPoolRequant",
+    "QuantConcat",
     "QuantConfig",
     "QuantConv1d",
     "QuantConv2d",
     "QuantLinear",
+    "QuantMul",
+    "QuantNormInput",
+    "QuantRequant",
     "QuantResidualAdd",
+    "QuantizationReport",
     "ResidualAddMarker",
     "Uint8ActPerTensorFloatStatefulBitWidth",
     "calibrate",
@@ -110,6 +143,7 @@ __all__ = [
     "get_bit_widths",
     "get_quant_config",
     "is_quantized",
+    "quantization_report",
     "quantize",
     "quantize_bias",
     "set_bit_width",

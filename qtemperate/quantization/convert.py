@@ -12,6 +12,8 @@ from brevitas.graph.calibrate import calibration_mode
 from torch import nn
 
 from qtemperate.quantization.config import INPUT_ACT_BITS, ROLE_ATTR, QuantConfig
+from qtemperate.quantization.coverage import graph_facts, needs_input_quant, replacement
+from qtemperate.quantization.functional import functional_to_modules
 from qtemperate.quantization.graph import (
     _first_last_layers,
     _input_quantizer_sources,
@@ -29,7 +31,6 @@ from qtemperate.quantization.layers import (
     QuantLinear,
     QuantResidualAdd,
     _is_residual_add,
-    is_quantized,
 )
 from qtemperate.quantization.quantizers import (
     Int8ActPerTensorFloatStatefulBitWidth,
@@ -37,12 +38,17 @@ from qtemperate.quantization.quantizers import (
     Int8WeightPerTensorFloatStatefulBitWidth,
     Uint8ActPerTensorFloatStatefulBitWidth,
 )
+from qtemperate.quantization.report import QuantizationReport, quantization_report, refuse_quantized
 
 __all__ = ["calibrate", "quantize"]
 
 
 def _quant_layer(
-    mod: nn.Module, weight_bits: int, per_channel: bool, input_quant: bool
+    mod: nn.Module,
+    weight_bits: int,
+    per_channel: bool,
+    input_quant: bool,
+    input_bits: int = INPUT_ACT_BITS,
 ) -> nn.Module:
     weight_quant = (
         Int8WeightPerChannelFloatStatefulBitWidth
@@ -60,7 +66,7 @@ def _quant_layer(
     }
     if input_quant:
         kwargs["input_quant"] = Int8ActPerTensorFloatStatefulBitWidth
-        kwargs["input_bit_width"] = INPUT_ACT_BITS
+        kwargs["input_bit_width"] = input_bits
     has_bias = mod.bias is not None
     if isinstance(mod, nn.Linear):
         new: nn.Module = QuantLinear(mod.in_features, mod.out_features, bias=has_bias, **kwargs)
@@ -105,7 +111,7 @@ def calibrate(qmodel: nn.Module, loader: Iterable, batches: int = 8) -> int:
     """
     if batches < 1:
         raise ValueError(f"calibration_batches must be >= 1, got {batches}")
-    device = next(qmodel.parameters()).device
+    device = next((t.device for t in (*qmodel.parameters(), *qmodel.buffers())), torch.device("cpu"))
     was_training = qmodel.training
     qmodel.eval()
     used = 0
@@ -130,13 +136,26 @@ def quantize(
     per_channel: bool = True,
     calibration_loader: Iterable | None = None,
     calibration_batches: int = 8,
-) -> nn.Module:
+    *,
+    strict: bool = False,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, QuantizationReport]:
     """Return a Brevitas QAT copy of ``model`` (the input model is not modified).
 
-    Steps: deep copy; fold BatchNorm into convolutions (:func:`fold_batch_norms`); replace
-    Conv/Linear/ReLU/ResidualAdd/avg-pool modules by quantized ones (see module docstring);
-    give the layers that read the model input an 8-bit input quantizer; optionally
-    calibrate activation thresholds on ``calibration_batches`` batches (:func:`calibrate`).
+    Steps: deep copy; fold BatchNorm into convolutions (:func:`fold_batch_norms`); turn
+    functional calls of the forward (``F.relu6``, ``torch.cat``, ``x * y``, ``x + y`` ...)
+    into modules (:mod:`~qtemperate.quantization.functional`; the model becomes a
+    ``torch.fx.GraphModule`` with the same submodule names when there are any); replace
+    Conv/Linear/ReLU/ResidualAdd/avg-pool modules by quantized ones (see module docstring)
+    and every other operation vision models use by its quantized form (activations,
+    concatenations, products, means, upsampling, normalizations, ``nn.MultiheadAttention``:
+    :mod:`~qtemperate.quantization.coverage`); give the layers that read the model input an
+    8-bit input quantizer and every other conv/linear whose input is not a quantizer output
+    an ``act_bits`` one; optionally calibrate activation thresholds on
+    ``calibration_batches`` batches (:func:`calibrate`). Only modules the forward calls are
+    replaced (the projections inside ``nn.MultiheadAttention`` are not: it is replaced
+    whole). Whatever stays float is listed by the quantization report
+    (:func:`~qtemperate.quantization.quantization_report`).
 
     Each quantized conv/linear carries a ``qtemperate_role`` attribute (``"first"``,
     ``"last"``, ``"first_last"`` or ``"inner"``); :func:`get_quant_config` reads the
@@ -153,33 +172,48 @@ def quantize(
             training-mode forward passes (300 by default), so an uncalibrated model is only
             meaningful in eval mode after some training steps.
         calibration_batches: batches used for calibration.
+        strict: raise :class:`~qtemperate.quantization.FloatLeftoverError` (naming every
+            operation) when any operation stays float.
+        return_report: also return the
+            :class:`~qtemperate.quantization.QuantizationReport` of the quantized model.
 
     Returns:
-        The quantized model, in the same train/eval mode as ``model``.
+        The quantized model, in the same train/eval mode as ``model``; with
+        ``return_report=True`` the tuple ``(model, report)``.
 
     Raises:
         ValueError: for bit widths outside 2..8 (32 = float: do not call quantize), for an
-            already quantized model, or for ``calibration_batches < 1``.
+            already quantized model (Brevitas: use :func:`set_bit_width`; torch.ao: use it
+            as it is), or for ``calibration_batches < 1``.
+        FloatLeftoverError: with ``strict=True``, when an operation stays float.
     """
     QuantConfig(weight_bits, act_bits, first_last_bits, per_channel)  # validates the bits
     if calibration_batches < 1:
         raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
-    if is_quantized(model):
-        raise ValueError("model is already quantized; use set_bit_width() to change bit widths")
+    refuse_quantized(model)
     was_training = model.training
     qmodel = copy.deepcopy(model).eval()
     fold_batch_norms(qmodel)
     gm = _trace(qmodel)
+    qmodel, rewritten = functional_to_modules(qmodel, gm)  # F.relu6, torch.cat, x * y ...: modules
+    if rewritten:
+        gm = _trace(qmodel)
     first, last = _first_last_layers(qmodel, gm)
     modules = dict(qmodel.named_modules())
     bias_sources = _input_quantizer_sources(gm, modules)
+    facts = graph_facts(gm, modules)
+    replaced: list[str] = []
     for name, mod in list(modules.items()):
-        if not name:
-            continue
+        if not name or not facts.called(name) or any(name.startswith(p + ".") for p in replaced):
+            continue  # the forward never calls it (e.g. a child of nn.MultiheadAttention)
         if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Linear) and not isinstance(mod, _QUANT_WBIOL):
             is_first, is_last = name in first, name in last
             bits = first_last_bits if (is_first or is_last) else weight_bits
-            new = _quant_layer(mod, bits, per_channel, input_quant=is_first)
+            requant = not is_first and needs_input_quant(name, facts, bias_sources)
+            new = _quant_layer(
+                mod, bits, per_channel, input_quant=is_first or requant,
+                input_bits=INPUT_ACT_BITS if is_first else act_bits,
+            )
             role = (
                 "first_last"
                 if is_first and is_last
@@ -200,11 +234,15 @@ def quantize(
             new = QuantResidualAdd(act_bits)
         elif isinstance(mod, nn.AdaptiveAvgPool2d | nn.AvgPool2d):
             new = QuantAvgPoolRequant(
-                mod, act_bits, signed=not _pool_input_is_relu(gm, modules, name)
+                mod, act_bits,
+                signed=not (_pool_input_is_relu(gm, modules, name) or facts.input_unsigned(name)),
             )
         else:
-            continue
+            new = replacement(name, mod, facts, weight_bits, act_bits, per_channel)
+            if new is None:
+                continue
         _set_submodule(qmodel, name, new)
+        replaced.append(name)
     _link_bias_scale_sources(qmodel, bias_sources)
     # The new activation quantizers are built on the CPU: join the model's device
     # before calibration runs batches on it (a CUDA student otherwise mixes devices).
@@ -212,5 +250,12 @@ def quantize(
     qmodel.to(device)
     if calibration_loader is not None:
         calibrate(qmodel, calibration_loader, calibration_batches)
-    return qmodel.train(was_training)
+    qmodel.train(was_training)
+    if strict or return_report:
+        report = quantization_report(qmodel)
+        if strict:
+            report.raise_on_float()
+        if return_report:
+            return qmodel, report
+    return qmodel
 

@@ -6,28 +6,53 @@ import itertools
 import warnings
 
 import torch
+from brevitas.nn import QuantMultiheadAttention
+from brevitas.nn.mixin.base import QuantLayerMixin
+from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from qtemperate.graph_outputs import output_layers
+from qtemperate.quantization.coverage import _quantizer_output
 from qtemperate.quantization.layers import (
     _ACT_MODULES,
     _QUANT_WBIOL,
     _SCALE_SOURCE_ATTR,
     QuantAvgPoolRequant,
+    QuantResidualAdd,
     _IntBiasMixin,
     _is_residual_add,
     _record_output_scale,
 )
+from qtemperate.quantization.ops import QUANT_OPS, Concat, Mean, Mul, QuantActivation, QuantRequant
 
-__all__ = ["fold_batch_norms"]
+__all__ = ["fold_batch_norms", "output_layers"]
+
+
+def _is_quant_leaf(m: nn.Module) -> bool:
+    """Quantized modules traced as one node: Brevitas layers/proxies/MHA and qtemperate's ops."""
+    return isinstance(
+        m,
+        (
+            QuantLayerMixin,
+            QuantProxyFromInjector,
+            QuantMultiheadAttention,
+            QuantResidualAdd,
+            QuantAvgPoolRequant,
+            *QUANT_OPS,
+            Concat,
+            Mean,
+            Mul,
+        ),
+    )
 
 
 def _trace(model: nn.Module) -> fx.GraphModule | None:
-    """FX-trace with residual adds and Brevitas layers as leaves; None when not traceable."""
+    """FX-trace with residual adds and quantized modules as leaves; None when not traceable."""
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            if _is_residual_add(m) or isinstance(m, (*_QUANT_WBIOL, *_ACT_MODULES)):
+            if _is_residual_add(m) or isinstance(m, (*_QUANT_WBIOL, *_ACT_MODULES)) or _is_quant_leaf(m):
                 return True
             return super().is_leaf_module(m, qualname)
 
@@ -108,7 +133,7 @@ def fold_batch_norms(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def _first_last_layers(model: nn.Module, gm: fx.GraphModule | None) -> tuple[set[str], set[str]]:
-    """Names of the layers reading the model input and of the last conv/linear layer."""
+    """Names of the layers reading the model input and of the layers producing its outputs."""
     wb_types = (nn.Conv1d, nn.Conv2d, nn.Linear)
     modules = dict(model.named_modules())
     if gm is not None:
@@ -136,7 +161,7 @@ def _first_last_layers(model: nn.Module, gm: fx.GraphModule | None) -> tuple[set
             if n.op == "call_module" and isinstance(modules.get(n.target), wb_types)
         ]
         if first and ordered:
-            return first, {ordered[-1]}
+            return first, output_layers(gm, lambda m: isinstance(m, wb_types)) or {ordered[-1]}
     ordered = [name for name, m in model.named_modules() if isinstance(m, wb_types)]
     if not ordered:
         return set(), set()
@@ -171,8 +196,9 @@ _PASSTHROUGH_METHODS = ("flatten", "view", "reshape", "contiguous")
 def _input_quantizer_sources(gm: fx.GraphModule | None, modules: dict[str, nn.Module]) -> dict:
     """``{layer: producer}`` for float conv/linear layers whose input is a quantizer output.
 
-    The producer is the name of an ``nn.ReLU`` (becomes ``QuantReLU``) or an avg pool (becomes
-    :class:`QuantAvgPoolRequant`), reached backwards through ops that the export moves the
+    The producer is the name of an ``nn.ReLU`` (becomes ``QuantReLU``), an avg pool (becomes
+    :class:`QuantAvgPoolRequant`) or another module that :func:`quantize` ends with a
+    quantizer (activations, means, bilinear upsampling; see :mod:`.coverage`), reached backwards through ops that the export moves the
     ``DequantizeLinear`` below (Identity, Dropout, MaxPool, Flatten, view/reshape), i.e. the
     quantizer whose scale is ``s_x`` of the layer's ``DequantizeLinear`` input in ONNX.
     """
@@ -188,7 +214,7 @@ def _input_quantizer_sources(gm: fx.GraphModule | None, modules: dict[str, nn.Mo
         while isinstance(src, fx.Node):
             if src.op == "call_module":
                 mod = modules.get(src.target)
-                if isinstance(mod, nn.ReLU | nn.AdaptiveAvgPool2d | nn.AvgPool2d):
+                if _quantizer_output(mod):  # ReLU, activations, avg pools, means: see coverage.py
                     out[node.target] = src.target
                     break
                 if not isinstance(mod, _PASSTHROUGH_MODULES):
@@ -203,8 +229,10 @@ def _input_quantizer_sources(gm: fx.GraphModule | None, modules: dict[str, nn.Mo
 
 
 def _producer_proxy(module: nn.Module) -> nn.Module | None:
-    if isinstance(module, QuantAvgPoolRequant):
+    if isinstance(module, QuantAvgPoolRequant | QuantRequant):
         module = module.requant
+    elif isinstance(module, QuantActivation):
+        module = module.act_quant
     proxy = getattr(module, "act_quant", None)
     return proxy if isinstance(proxy, nn.Module) else None
 

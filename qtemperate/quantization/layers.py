@@ -13,6 +13,8 @@ from typing import Any
 
 import brevitas.nn as qnn
 import torch
+from brevitas.nn.mixin.base import QuantLayerMixin
+from brevitas.nn.quant_layer import QuantNonLinearActLayer, QuantWeightBiasInputOutputLayer
 from brevitas.quant_tensor import QuantTensor
 from torch import fx, nn
 
@@ -172,11 +174,27 @@ def quantize_bias(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: t
     return bias + (b_q - bias).detach()
 
 
+def _exports_int_bias(layer: nn.Module, x: Any) -> bool:
+    """Whether the export gives this call an int32 bias (Conv, or Gemm for a 2-D linear input).
+
+    A linear layer on a 3-D or larger input (tokens) exports as ``MatMul`` + ``Add``,
+    whose bias the export keeps in float: PyTorch keeps it in float there too.
+    """
+    if not isinstance(layer, nn.Linear):
+        return True
+    value = x.value if isinstance(x, QuantTensor) else x
+    return value.dim() == 2
+
+
 class _IntBiasMixin:
-    """Quantized conv/linear whose forward rounds the float bias to ``s_x * s_w`` (see module doc)."""
+    """Quantized conv/linear whose forward rounds the float bias to ``s_x * s_w`` (see module doc).
+
+    Linear layers on inputs of more than two dimensions keep the float bias (their export
+    is ``MatMul`` + ``Add``, see :func:`_exports_int_bias`).
+    """
 
     def inner_forward_impl(self, x, quant_weight, quant_bias):  # type: ignore[no-untyped-def]
-        if quant_bias is not None and not _is_exporting(self):  # type: ignore[arg-type]
+        if quant_bias is not None and not _is_exporting(self) and _exports_int_bias(self, x):  # type: ignore[arg-type]
             if isinstance(x, QuantTensor):
                 s_x = x.scale
             else:
@@ -200,11 +218,13 @@ class QuantLinear(_IntBiasMixin, qnn.QuantLinear):
     """``brevitas.nn.QuantLinear`` whose bias is rounded to the int32 grid of the export."""
 
 
-_QUANT_WBIOL = (qnn.QuantConv1d, qnn.QuantConv2d, qnn.QuantLinear)
-_ACT_MODULES = (qnn.QuantReLU, qnn.QuantIdentity)
+# Every Brevitas weight layer (conv 1-3d, transposed conv, linear) and every Brevitas
+# activation layer (ReLU, Identity, Sigmoid, Tanh, HardTanh, HardSwish), stock or ours.
+_QUANT_WBIOL = (QuantWeightBiasInputOutputLayer,)
+_ACT_MODULES = (QuantNonLinearActLayer,)
 
 
 def is_quantized(model: nn.Module) -> bool:
     """True when ``model`` contains at least one Brevitas quantized layer."""
-    return any(isinstance(m, (*_QUANT_WBIOL, *_ACT_MODULES)) for m in model.modules())
+    return any(isinstance(m, QuantLayerMixin) for m in model.modules())
 

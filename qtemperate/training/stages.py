@@ -2,13 +2,16 @@
 
 The first quantized stage turns the float student into a Brevitas QAT model
 (:func:`~qtemperate.quantization.quantize`, calibrated on a fixed slice of training
-data); every later stage lowers the bit widths in place
-(:func:`~qtemperate.quantization.set_bit_width`), keeping weights and learned ranges.
+data) and, when given a run folder, prints its quantization report (what is quantized,
+what stays float and why) and writes it to ``quantization_report.json``; every later stage
+lowers the bit widths in place (:func:`~qtemperate.quantization.set_bit_width`), keeping
+weights and learned ranges.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +19,7 @@ from torch import nn
 
 from qtemperate.joint_scheduler import BitStage
 from qtemperate.quantization import quantize, set_bit_width
+from qtemperate.quantization.report import REPORT_FILE
 from qtemperate.recipe import StudentConfig
 
 __all__ = ["enter_stage"]
@@ -28,6 +32,8 @@ def enter_stage(
     config: StudentConfig,
     device: torch.device,
     calibration: Iterable[Any] | None = None,
+    report_dir: str | Path | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """The student to train in ``stage``.
 
@@ -40,6 +46,9 @@ def enter_stage(
         device: Where the quantized model goes.
         calibration: Batches for activation-range calibration; ``None`` on resume, where
             the ranges come from the checkpoint's state dict.
+        report_dir: Folder for ``quantization_report.json`` when the student is quantized
+            here (None: no file).
+        say: Prints the quantization report when the student is quantized here.
 
     Returns:
         ``student`` itself (float stage, or bits switched in place) or a new quantized model.
@@ -49,7 +58,7 @@ def enter_stage(
     if quantized_now:
         return set_bit_width(student, stage.weight_bits, stage.act_bits)
     use = calibration if config.calibration_batches > 0 else None
-    return quantize(
+    qmodel, report = quantize(
         student,
         weight_bits=stage.weight_bits,
         act_bits=stage.act_bits,
@@ -57,4 +66,10 @@ def enter_stage(
         per_channel=config.per_channel,
         calibration_loader=use,
         calibration_batches=max(config.calibration_batches, 1),
-    ).to(device)
+        return_report=True,
+    )
+    if report_dir is not None:
+        report.write(Path(report_dir) / REPORT_FILE)
+    if say is not None:
+        say(f"quantization report ({stage.name}):\n{report.format()}")
+    return qmodel.to(device)
