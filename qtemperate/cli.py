@@ -154,8 +154,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     default = recipe.output_dir / recipe.name
     if args.nproc != 1:  # the launcher: decide the folder once, then start the N processes on it
-        from qtemperate.launch import launch_run
+        from qtemperate.launch import check_launch, launch_run
 
+        check_launch(args, recipe)  # before a folder is claimed: a refused launch leaves none
         if args.run_dir or args.resume:
             run_dir = Path(args.run_dir or default)
         else:

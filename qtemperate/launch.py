@@ -26,15 +26,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from qtemperate.recipe import Recipe
 
-__all__ = ["exit_code_for", "launch_local", "launch_run"]
+__all__ = ["check_launch", "exit_code_for", "launch_local", "launch_run"]
 
 
-def launch_run(args: argparse.Namespace, recipe: Recipe, run_dir: Path) -> int:
-    """``qtemperate run ... --nproc N``: check, then start the N ranks on ``run_dir``.
-
-    The checks that need no data (backend, ``data.batch_size`` divisible by N, Brevitas
-    calibration) run here, once, before any process starts; each rank repeats them and
-    checks the data. The run folder is decided here and passed to every rank.
+def check_launch(args: argparse.Namespace, recipe: Recipe) -> None:
+    """The checks of ``--nproc N`` that need no data: the launcher, the backend,
+    ``data.batch_size`` divisible by N, Brevitas calibration. Run before the run folder
+    is claimed, so a refused launch leaves nothing behind.
 
     Raises:
         UsageError: ``--nproc`` under another launcher or below 1.
@@ -50,6 +48,20 @@ def launch_run(args: argparse.Namespace, recipe: Recipe, run_dir: Path) -> int:
         raise UsageError(f"--nproc: this process was started by a launcher (WORLD_SIZE={env_world_size()}); "
                          "drop --nproc")
     check_recipe(recipe, args.nproc, resolve_device(recipe.device))
+
+
+def launch_run(args: argparse.Namespace, recipe: Recipe, run_dir: Path) -> int:
+    """``qtemperate run ... --nproc N``: check, then start the N ranks on ``run_dir``.
+
+    :func:`check_launch` runs here, once, before any process starts; each rank repeats
+    the checks and checks the data. The run folder is decided by the caller and passed to
+    every rank.
+
+    Raises:
+        UsageError: ``--nproc`` under another launcher or below 1.
+        RecipeError: a recipe the N processes cannot run.
+    """
+    check_launch(args, recipe)
     argv = ["-m", "qtemperate", "run", str(args.recipe), "--run-dir", str(run_dir)]
     for item in args.set or []:
         argv += ["--set", item]

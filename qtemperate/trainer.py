@@ -215,10 +215,13 @@ class Trainer:
             if isinstance(exc, DataFormatError):
                 raise
             raise DataFormatError(f"data: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
-        for message in check_bundle(r, bundle):
-            warnings.warn(message, QtemperateWarning, stacklevel=2)
-        for line in check_validation_split(r, len(bundle.val or ()), len(bundle.train)):  # type: ignore[arg-type]
-            warnings.warn(line, ProtocolWarning, stacklevel=2)
+        notes = check_bundle(r, bundle)
+        protocol = check_validation_split(r, len(bundle.val or ()), len(bundle.train))  # type: ignore[arg-type]
+        if distributed.is_main():  # every rank holds the same data: one warning, not N
+            for message in notes:
+                warnings.warn(message, QtemperateWarning, stacklevel=2)
+            for line in protocol:
+                warnings.warn(line, ProtocolWarning, stacklevel=2)
         try:
             loaders = build_run_loaders(bundle, d.batch_size, d.eval_batch_size, d.num_workers, r.seed,
                                         distributed.rank(), distributed.world_size(),

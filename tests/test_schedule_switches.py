@@ -147,13 +147,13 @@ def _run(tmp_path: Path, *overrides: str, **sections: Any) -> tuple[dict[str, An
 
 
 def test_run_auto_and_mobile_from_a_recipe(tmp_path: Path) -> None:
-    from qtemperate.checkpoint import load_checkpoint
     from qtemperate.data import build_datasets
+    from qtemperate.training.resume import load_student_arch
 
     summary, history, run_dir = _run(tmp_path, "stages.1.temperature.base_temperature=auto", "hardware=mobile")
     # auto: the rule from the training split's class counts and the derived student's size.
     bundle = build_datasets("digits", val_fraction=0.1, seed=0)
-    arch = load_checkpoint(run_dir / "student_arch.pt")["arch"]
+    arch, _ = load_student_arch(run_dir / "student_arch.pt")
     student_params = sum(p.numel() for p in arch.parameters())
     expected = suggest_initial_temperature(10, summary["teacher_params"], student_params, bundle.class_counts)
     assert summary["auto_temperature"] == pytest.approx(expected.temperature)
