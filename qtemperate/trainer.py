@@ -35,6 +35,7 @@ from torch import nn
 
 from qtemperate.checkpoint import load_checkpoint, save_atomic, save_student
 from qtemperate.data import DataBundle, RunLoaders, build_datasets, build_run_loaders
+from qtemperate.export.targets import resolve_target
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
 from qtemperate.recipe import Recipe
@@ -128,6 +129,8 @@ class Trainer:
     def _pipeline(self, ckpt: TrainingCheckpoint | None, logger: MetricLogger, t_start: float) -> dict[str, Any]:
         r, device, say = self.recipe, self.device, self.console.say
         seed_all(r.seed)
+        target = resolve_target(r.export.target, "export.target")  # sets the QAT ranges: before training
+        say(f"deployment target: {target} (export.target: {r.export.target})")
         d = r.data
         bundle = build_datasets(
             d.name, root=d.root, val_fraction=d.val_fraction, limit_train=d.limit_train,
@@ -166,7 +169,7 @@ class Trainer:
             prog, stage_idx = ckpt.progress, ckpt.stage_index
             sched.load_state_dict(ckpt.scheduler)
             stage = sched.stages[stage_idx]
-            student = enter_stage(student, stage, False, r.student, device, calibration=None)
+            student = enter_stage(student, stage, False, r.student, device, calibration=None, target=target)
             quantized_now = stage.quantized
             student.load_state_dict(ckpt.model)
             opt = build_optimizer(student, r.optimizer, stage.lr or r.optimizer.lr)
@@ -180,7 +183,7 @@ class Trainer:
             idx = sched.stage_index(epoch)
             stage = sched.stages[idx]
             if idx != stage_idx:
-                student = enter_stage(student, stage, quantized_now, r.student, device, loaders.calib)
+                student = enter_stage(student, stage, quantized_now, r.student, device, loaders.calib, target)
                 quantized_now = quantized_now or stage.quantized
                 stage_idx = idx
                 opt = build_optimizer(student, r.optimizer, stage.lr or r.optimizer.lr)
@@ -221,7 +224,7 @@ class Trainer:
                      r.student.first_last_bits, r.student.per_channel,
                      extra={"recipe": r.name, "student_acc": student_acc})
         s_size = model_size(student, example)
-        export = self._export(student, teacher, bundle)
+        export = self._export(student, teacher, bundle, arch)
         prog.elapsed_s += time.perf_counter() - t_start
         summary = self._summary(teacher_acc, student_acc, t_size, s_size, plan, prog, export)
         (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
@@ -286,17 +289,19 @@ class Trainer:
             "bytes": float(size.quantized_bytes if st.quantized else size.float_bytes),
         }
 
-    def _export(self, student: nn.Module, teacher: nn.Module, bundle: DataBundle) -> dict[str, Any]:
-        """``student.onnx`` (and its int8 twin, ``teacher.onnx``) verified and timed."""
+    def _export(self, student: nn.Module, teacher: nn.Module, bundle: DataBundle, arch: nn.Module) -> dict[str, Any]:
+        """``student.onnx`` (its int8 twin, QONNX file, ``teacher.onnx``) verified and timed."""
         e = self.recipe.export
-        if not e.onnx:
-            return {"onnx_latency_ms": None, "int8_onnx_latency_ms": None}
-        from qtemperate.export import export_and_check
+        from qtemperate.export.check import export_and_check, target_facts
 
+        if not e.onnx:
+            return {"onnx_latency_ms": None, "int8_onnx_latency_ms": None,
+                    "export_target_requested": e.target, **target_facts(student)}
         n = min(e.verify_samples, len(bundle.test))
         inputs = torch.stack([bundle.test[i][0] for i in range(n)])
-        return export_and_check(student, self.run_dir, inputs, teacher=teacher, benchmark=e.benchmark,
-                                batch_sizes=e.batch_sizes, iters=e.benchmark_iters)
+        return {"export_target_requested": e.target, **export_and_check(
+            student, self.run_dir, inputs, teacher=teacher, benchmark=e.benchmark, batch_sizes=e.batch_sizes,
+            iters=e.benchmark_iters, float_student=arch, openvino=e.openvino, qonnx=e.qonnx)}
 
     def _summary(
         self, teacher_acc: float, student_acc: float, t_size: SizeReport, s_size: SizeReport,

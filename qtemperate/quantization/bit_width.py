@@ -8,6 +8,12 @@ from torch import nn
 from qtemperate.bits import MAX_BITS
 from qtemperate.quantization.config import INPUT_ACT_BITS, ROLE_ATTR, QuantConfig, _check_bits
 from qtemperate.quantization.layers import _ACT_MODULES, _QUANT_WBIOL, is_quantized
+from qtemperate.quantization.targets import (
+    attach_target,
+    capped_weight_bits,
+    model_target,
+    resolve_target,
+)
 
 __all__ = ["get_bit_widths", "get_quant_config", "set_bit_width"]
 
@@ -63,18 +69,24 @@ def get_bit_widths(qmodel: nn.Module) -> dict[str, dict[str, int | None]]:
     return out
 
 
-def set_bit_width(qmodel: nn.Module, weight_bits: int, act_bits: int) -> nn.Module:
+def set_bit_width(
+    qmodel: nn.Module, weight_bits: int, act_bits: int, target: str | None = None
+) -> nn.Module:
     """Switch a quantized model's bit widths in place, keeping weights and learned thresholds.
 
     Inner conv/linear weights go to ``weight_bits`` and every activation quantizer
     (ReLU, residual add, pool requant) to ``act_bits``; first/last layer weights keep
     ``first_last_bits`` and the model-input quantizer stays at 8 bits. The bit widths are
-    buffers, so they are saved in and restored from ``state_dict``.
+    buffers, so they are saved in and restored from ``state_dict``. Weight widths never
+    exceed the model's deployment target's cap (7 bits on ``x86-avx2`` / ``generic``,
+    first and last layers included; :mod:`qtemperate.quantization.targets`).
 
     Args:
         qmodel: model returned by :func:`quantize`.
         weight_bits: new inner weight bits, 2..8.
         act_bits: new activation bits, 2..8.
+        target: retarget the model (``"auto"`` or a target name); ``None`` keeps the
+            target it carries.
 
     Returns:
         ``qmodel`` (modified in place).
@@ -86,10 +98,16 @@ def set_bit_width(qmodel: nn.Module, weight_bits: int, act_bits: int) -> nn.Modu
     _check_bits("act_bits", act_bits)
     if not is_quantized(qmodel):
         raise ValueError("qmodel is not quantized; call quantize() first")
+    if target is not None:
+        attach_target(qmodel, resolve_target(target))
+    tgt = model_target(qmodel)
     for m in qmodel.modules():
         if isinstance(m, _QUANT_WBIOL):
+            proxy = _weight_proxy(m)
             if getattr(m, ROLE_ATTR, "inner") == "inner":
-                _write_bits(_weight_proxy(m), weight_bits)
+                _write_bits(proxy, capped_weight_bits(weight_bits, tgt))
+            elif (bits := _read_bits(proxy)) is not None and capped_weight_bits(bits, tgt) < bits:
+                _write_bits(proxy, capped_weight_bits(bits, tgt))  # retargeted to a capped target
         elif isinstance(m, _ACT_MODULES):
             _write_bits(_act_proxy(m), act_bits)
     return qmodel
@@ -99,8 +117,9 @@ def get_quant_config(qmodel: nn.Module) -> QuantConfig:
     """Derive the :class:`QuantConfig` of a quantized model from its live quantizers.
 
     ``weight_bits`` / ``first_last_bits`` come from the inner / first-last layers (the
-    minimum when they differ), ``act_bits`` from the activation quantizers, and
-    ``per_channel`` from the shape of the first layer's weight scale.
+    minimum when they differ), ``act_bits`` from the activation quantizers,
+    ``per_channel`` from the shape of the first layer's weight scale and ``target`` from
+    the model's deployment-target tag.
 
     Raises:
         ValueError: when ``qmodel`` is not quantized.
@@ -130,5 +149,6 @@ def get_quant_config(qmodel: nn.Module) -> QuantConfig:
         first_last_bits=edge_bits,
         per_channel=True if per_channel is None else per_channel,
         input_bits=min(b for b in inputs if b is not None) if any(inputs) else INPUT_ACT_BITS,
+        target=model_target(qmodel),
     )
 

@@ -17,6 +17,7 @@ from qtemperate.quantization.graph import (
     _input_quantizer_sources,
     _link_bias_scale_sources,
     _pool_input_is_relu,
+    _residual_inputs_to_quantize,
     _set_submodule,
     _trace,
     fold_batch_norms,
@@ -37,6 +38,7 @@ from qtemperate.quantization.quantizers import (
     Int8WeightPerTensorFloatStatefulBitWidth,
     Uint8ActPerTensorFloatStatefulBitWidth,
 )
+from qtemperate.quantization.targets import attach_target, capped_weight_bits, resolve_target
 
 __all__ = ["calibrate", "quantize"]
 
@@ -130,6 +132,7 @@ def quantize(
     per_channel: bool = True,
     calibration_loader: Iterable | None = None,
     calibration_batches: int = 8,
+    target: str | None = None,
 ) -> nn.Module:
     """Return a Brevitas QAT copy of ``model`` (the input model is not modified).
 
@@ -153,15 +156,24 @@ def quantize(
             training-mode forward passes (300 by default), so an uncalibrated model is only
             meaningful in eval mode after some training steps.
         calibration_batches: batches used for calibration.
+        target: deployment target (:mod:`qtemperate.quantization.targets`): ``"auto"`` (the
+            CPU running this), ``"x86-avx2"``, ``"x86-vnni"``, ``"arm64"``, ``"generic"``, or
+            ``None`` (no target: bits exactly as given). On ``x86-avx2`` / ``generic`` every
+            weight width, first and last layers included, is capped at 7 bits so the
+            exported int8 graph cannot saturate those CPUs' int16 pair sums. The model
+            records its target (``get_quant_config(q).target``).
 
     Returns:
         The quantized model, in the same train/eval mode as ``model``.
 
     Raises:
         ValueError: for bit widths outside 2..8 (32 = float: do not call quantize), for an
-            already quantized model, or for ``calibration_batches < 1``.
+            already quantized model, for ``calibration_batches < 1`` or an unknown target.
     """
     QuantConfig(weight_bits, act_bits, first_last_bits, per_channel)  # validates the bits
+    target = resolve_target(target)
+    weight_bits = capped_weight_bits(weight_bits, target)
+    first_last_bits = capped_weight_bits(first_last_bits, target)
     if calibration_batches < 1:
         raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
     if is_quantized(model):
@@ -197,7 +209,7 @@ def quantize(
                 return_quant_tensor=False,
             )
         elif _is_residual_add(mod):
-            new = QuantResidualAdd(act_bits)
+            new = QuantResidualAdd(act_bits, _residual_inputs_to_quantize(gm, modules, name))
         elif isinstance(mod, nn.AdaptiveAvgPool2d | nn.AvgPool2d):
             new = QuantAvgPoolRequant(
                 mod, act_bits, signed=not _pool_input_is_relu(gm, modules, name)
@@ -206,6 +218,7 @@ def quantize(
             continue
         _set_submodule(qmodel, name, new)
     _link_bias_scale_sources(qmodel, bias_sources)
+    attach_target(qmodel, target)
     if calibration_loader is not None:
         calibrate(qmodel, calibration_loader, calibration_batches)
     return qmodel.train(was_training)

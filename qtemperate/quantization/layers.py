@@ -89,17 +89,22 @@ def _is_residual_add(module: nn.Module) -> bool:
 class QuantResidualAdd(nn.Module):
     """Residual addition ``q(a) + q(b)`` with ONE shared signed activation quantizer ``q``.
 
-    Sharing the quantizer gives both operands the same scale, so the sum is exact in the
-    integer domain (``s * (int_a + int_b)``) and exports as an integer ``Add``
-    (onnxruntime fuses it to ``QLinearAdd``).
+    An input that is already a quantizer output (the identity shortcut: the previous
+    block's ReLU) is added as it is (``quantize_inputs`` False for it): it is on its own
+    integer grid, and requantizing it to ``q``'s scale would lose precision and leave a
+    ``DequantizeLinear -> QuantizeLinear`` pair that onnxruntime cannot fuse. Inputs that
+    are quantized share ``q``'s scale. The sum exports as ``DQ(a) + DQ(b)``, which
+    onnxruntime fuses to ``QLinearAdd`` (one scale per input).
 
     Args:
         act_bits: bit width of the shared quantizer.
+        quantize_inputs: for ``(a, b)``, whether ``q`` quantizes it.
     """
 
-    def __init__(self, act_bits: int = 8) -> None:
+    def __init__(self, act_bits: int = 8, quantize_inputs: tuple[bool, bool] = (True, True)) -> None:
         super().__init__()
         _check_bits("act_bits", act_bits)
+        self.quantize_inputs = (bool(quantize_inputs[0]), bool(quantize_inputs[1]))
         self.input_quant = qnn.QuantIdentity(
             act_quant=Int8ActPerTensorFloatStatefulBitWidth,
             bit_width=act_bits,
@@ -107,7 +112,11 @@ class QuantResidualAdd(nn.Module):
         )
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.input_quant(a) + self.input_quant(b)
+        qa, qb = self.quantize_inputs
+        return (self.input_quant(a) if qa else a) + (self.input_quant(b) if qb else b)
+
+    def extra_repr(self) -> str:
+        return f"quantize_inputs={self.quantize_inputs}"
 
 
 class QuantAvgPoolRequant(nn.Module):

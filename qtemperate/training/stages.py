@@ -28,6 +28,7 @@ def enter_stage(
     config: StudentConfig,
     device: torch.device,
     calibration: Iterable[Any] | None = None,
+    target: str | None = None,
 ) -> nn.Module:
     """The student to train in ``stage``.
 
@@ -40,6 +41,8 @@ def enter_stage(
         device: Where the quantized model goes.
         calibration: Batches for activation-range calibration; ``None`` on resume, where
             the ranges come from the checkpoint's state dict.
+        target: The deployment target the student is trained for (its QAT ranges;
+            :mod:`qtemperate.quantization.targets`); later stages keep the model's own.
 
     Returns:
         ``student`` itself (float stage, or bits switched in place) or a new quantized model.
@@ -57,4 +60,5 @@ def enter_stage(
         per_channel=config.per_channel,
         calibration_loader=use,
         calibration_batches=max(config.calibration_batches, 1),
+        target=target,
     ).to(device)
