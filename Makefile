@@ -42,6 +42,7 @@ lint: install
 	$(BIN)/ruff check qtemperate tests bench
 
 bench: install data
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m pytest bench --benchmark-only -q
 
 clean:

@@ -1,8 +1,9 @@
 """Side-by-side int8 deployment: qtemperate vs the routes a user would take instead (issue 8).
 
-Run (heavy: under the shared measurement lock, 1 thread for every timed runtime)::
+Run (1 thread for every timed runtime; the timed section takes the shared measurement
+lock itself, ``--lock``, so training and emulation do not hold it)::
 
-    flock /work/wt/measure.lock .venv/bin/python bench/deployment_targets.py \\
+    .venv/bin/python bench/deployment_targets.py --lock /work/wt/measure.lock \\
         --out bench/results/deployment_targets.json 2>&1 | tee bench/results/deployment_targets.log
 
 ResNet-20 (1x28x28) trained briefly on a Fashion-MNIST slice, unpruned and pruned
@@ -29,6 +30,8 @@ The CPU's flags and the load (``uptime``) are recorded.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import statistics
 import subprocess
@@ -36,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +195,19 @@ def _time(runners: dict[str, dict[int, Any]], batches: tuple[int, ...], reps: in
     return {k: {str(b): statistics.median(v[b]) for b in batches} for k, v in per.items()}
 
 
+@contextlib.contextmanager
+def _locked(path: str | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
@@ -206,7 +223,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--emulate-samples", type=int, default=256)
+    ap.add_argument("--emulate-samples", type=int, default=128)
+    ap.add_argument("--lock", default=None, help="flock this file around the timed section")
     ap.add_argument("--no-emulate", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -281,9 +299,10 @@ def main() -> None:
         runners = {f"ort:{k}": {b: _ort(p, args.threads) for b in (1, 64)} for k, p in paths.items()}
         for label, src in (("float", fpath), ("qtemperate", paths["qtemperate"]), ("nncf", nncf_model)):
             runners[f"openvino:{label}"] = {b: _ov_compile(src, b, args.threads) for b in (1, 64)}
-        row["load_before_timing"] = _uptime()
-        lat = _time(runners, (1, 64), args.reps)
-        row["load_after_timing"] = _uptime()
+        with _locked(args.lock):
+            row["load_before_timing"] = _uptime()
+            lat = _time(runners, (1, 64), args.reps)
+            row["load_after_timing"] = _uptime()
         row["latency_ms"] = lat
         row["speedup_vs_ort_float"] = {k: {b: lat["ort:float"][b] / v[b] for b in v} for k, v in lat.items()}
         result["students"][sname] = row

@@ -1,10 +1,11 @@
-"""Run ONNX files in onnxruntime on an emulated CPU class (``qemu-x86_64 -cpu Haswell``).
+"""Run ONNX files on an emulated CPU class (``qemu-x86_64 -cpu Haswell``).
 
 The int16 saturation of x86 CPUs without VNNI can be observed on a machine that has
 VNNI: Debian's ``qemu-user`` runs a Linux process on an emulated CPU model, and
-onnxruntime picks its kernels from the CPUID the emulator reports (Haswell: AVX2, no
-VNNI, no AVX-512). Only onnxruntime runs under emulation (this file, run by path,
-imports nothing but numpy and onnxruntime); PyTorch references are computed natively.
+onnxruntime (or OpenVINO) picks its kernels from the CPUID the emulator reports
+(Haswell: AVX2, no VNNI, no AVX-512). Only the runtime runs under emulation (this file,
+run by path, imports nothing but numpy and the runtime); PyTorch references are
+computed natively.
 
 Used by the ``slow`` test that shows the saturation and by ``bench/``. Without
 ``qemu-x86_64`` (or on a non-x86 host) :func:`emulator_available` is False.
@@ -44,16 +45,19 @@ def run_emulated(
     cpu: str = EMULATED_CPU,
     optimized: bool = True,
     timeout: float = 1800.0,
+    runtime: str = "onnxruntime",
 ) -> list[list[np.ndarray]]:
-    """Run each ONNX file on ``x`` in onnxruntime under ``qemu-x86_64 -cpu <cpu>``.
+    """Run each model file on ``x`` under ``qemu-x86_64 -cpu <cpu>``.
 
     Args:
-        paths: ONNX files.
+        paths: ONNX files (or OpenVINO IR ``.xml`` for ``runtime="openvino"``).
         x: The float32 input batch.
         cpu: The QEMU CPU model.
         optimized: onnxruntime's default optimized session (fused integer kernels) or
             ``ORT_DISABLE_ALL``.
         timeout: Seconds before the emulated process is killed (emulation is ~50x slower).
+        runtime: ``"onnxruntime"`` or ``"openvino"`` (CPU plugin, f32 precision hint, the
+            batch of ``x``).
 
     Returns:
         Per file, its outputs in graph order.
@@ -66,8 +70,11 @@ def run_emulated(
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(inp, x=np.ascontiguousarray(x, dtype=np.float32))
+        if runtime not in ("onnxruntime", "openvino"):
+            raise ValueError(f"runtime must be 'onnxruntime' or 'openvino', got {runtime!r}")
+        mode = "ov" if runtime == "openvino" else ("1" if optimized else "0")
         cmd = ["qemu-x86_64", "-cpu", cpu, sys.executable, str(Path(__file__).resolve()),
-               str(inp), str(out), "1" if optimized else "0", *map(str, paths)]
+               str(inp), str(out), mode, *map(str, paths)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
         if res.returncode != 0:
@@ -77,11 +84,32 @@ def run_emulated(
         return [[data[f"{i}_{k}"] for k in range(int(data[f"{i}_n"]))] for i in range(len(paths))]
 
 
+def _run_openvino(paths: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    import openvino as ov
+
+    core = ov.Core()
+    res: dict[str, np.ndarray] = {}
+    for i, p in enumerate(paths):
+        model = core.read_model(p)
+        model.reshape({model.inputs[0].get_any_name(): list(x.shape)})
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                     "INFERENCE_NUM_THREADS": 1})
+        outs = compiled.create_infer_request().infer({0: x})
+        res[f"{i}_n"] = np.array(len(compiled.outputs))
+        for k, o in enumerate(compiled.outputs):
+            res[f"{i}_{k}"] = np.asarray(outs[o])
+    return res
+
+
 def _main(argv: list[str]) -> None:
+    inp, out, mode, *paths = argv
+    x = np.load(inp)["x"]
+    if mode == "ov":
+        np.savez(out, **_run_openvino(paths, x))
+        return
     import onnxruntime as ort
 
-    inp, out, optimized, *paths = argv
-    x = np.load(inp)["x"]
+    optimized = mode
     res: dict[str, np.ndarray] = {}
     for i, p in enumerate(paths):
         so = ort.SessionOptions()

@@ -16,6 +16,13 @@ from qtemperate.export import export_onnx
 from qtemperate.export.emulate import emulator_available, run_emulated
 from qtemperate.quantization import quantize
 
+
+def _has_openvino() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not emulator_available(), reason="qemu-x86_64 not installed (apt-get install qemu-user)"),
@@ -74,3 +81,31 @@ def test_avx2_student_is_exact_on_an_emulated_avx2_cpu(tmp_path, digits, trained
     assert agree7 == 1.0 and diff7 < 1e-3  # trained for the CPU class: exact
     _, diff8 = res["x86-vnni"]
     assert diff8 > 100 * max(diff7, 1e-5)  # 8-bit weights on this CPU class: saturated sums
+
+
+@pytest.mark.skipif(not _has_openvino(), reason="openvino extra not installed")
+def test_openvino_on_an_emulated_avx2_cpu_matches_its_vnni_result_for_avx2_students(
+    tmp_path, digits, trained
+) -> None:
+    """OpenVINO (oneDNN) without VNNI also loses exactness on 8-bit weights; 7-bit weights
+    give the very numbers it computes on this (native) CPU."""
+    import openvino as ov
+
+    xtr, _, xte, _ = digits
+    model, _ = trained
+    calib = [xtr[i : i + 64] for i in range(0, 256, 64)]
+    x = xte[:64].numpy()
+    paths = [export_onnx(quantize(model, calibration_loader=calib, calibration_batches=4, target=t).eval(),
+                         tmp_path / f"{t}.onnx", xte[:1]) for t in ("x86-avx2", "x86-vnni")]
+    core = ov.Core()
+    native = []
+    for p in paths:
+        m = core.read_model(str(p))
+        m.reshape({m.inputs[0].get_any_name(): list(x.shape)})
+        c = core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
+        native.append(np.asarray(next(iter(c.create_infer_request().infer({0: x}).values()))))
+    emulated = [o[0] for o in run_emulated(paths, x, runtime="openvino")]
+    d7, d8 = (float(np.abs(e - n).max()) for e, n in zip(emulated, native))
+    print(f"OpenVINO emulated Haswell vs native, max|d|: x86-avx2 {d7:.3g}, x86-vnni {d8:.3g}")
+    assert d7 < 1e-4
+    assert d8 > 100 * max(d7, 1e-6)
