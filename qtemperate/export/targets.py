@@ -308,8 +308,8 @@ class SaturationReport:
         worst_pair_sum: ``max over layers and output channels of 255 * (|w0| + |w1|)``
             for the two largest same-signed weights of a channel.
         limit: ``32767``.
-        layers: Per integer conv/gemm: ``node``, ``op``, ``max_abs_weight``,
-            ``worst_pair_sum``, ``ok``.
+        layers: Per integer conv/gemm: ``node`` (its name, else its output tensor), ``op``,
+            ``weight_shape``, ``max_abs_weight``, ``worst_pair_sum``, ``ok``.
     """
 
     target: str
@@ -324,7 +324,10 @@ class SaturationReport:
         d = asdict(self)
         if not with_layers:
             d.pop("layers")
-            d["layers_at_risk"] = [x["node"] for x in self.layers if not x["ok"]]
+            d["layers_at_risk"] = [
+                f"{x['op']} -> {x['node']} {'x'.join(map(str, x['weight_shape']))} (max |w| {x['max_abs_weight']})"
+                for x in self.layers if not x["ok"]
+            ]
             d["layers_checked"] = len(self.layers)
         return d
 
@@ -392,6 +395,7 @@ def check_int16_saturation(model: Any, target: str = "x86-avx2") -> SaturationRe
             rows = w.reshape(w.shape[0], -1).T
         worst = _worst_pair(rows, U8_MAX)
         layers.append({"node": n.name or n.output[0], "op": n.op_type,
+                       "weight_shape": [int(d) for d in w.shape],
                        "max_abs_weight": int(np.abs(rows).max(initial=0)),
                        "worst_pair_sum": worst, "ok": worst <= INT16_MAX})
     worst_all = max((x["worst_pair_sum"] for x in layers), default=0)

@@ -138,7 +138,11 @@ def test_exported_avx2_student_cannot_saturate_an_avx2_cpu(tmp_path, digits, tra
     assert r7.ok and all(x["max_abs_weight"] <= 63 for x in r7.layers)
     assert r7.worst_pair_sum <= 2 * 255 * 63
     assert not r8.ok and max(x["max_abs_weight"] for x in r8.layers) == 127
-    assert r8.to_dict()["layers_at_risk"]
+    risk = r8.to_dict()["layers_at_risk"]  # one readable line per layer: op, tensor, weight shape, max |w|
+    assert len(risk) == sum(not x["ok"] for x in r8.layers) > 0
+    for line, x in zip(risk, [x for x in r8.layers if not x["ok"]]):
+        assert line.startswith(f"{x['op']} -> ") and "x".join(map(str, x["weight_shape"])) in line
+        assert line.endswith(f"(max |w| {x['max_abs_weight']})")
 
 
 # --------------------------------------------------------------------------- the CPU
