@@ -38,6 +38,7 @@ from qtemperate.data import DataBundle, RunLoaders, build_datasets, build_run_lo
 from qtemperate.export.targets import resolve_target
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
+from qtemperate.quantization.targets import state_dict_target
 from qtemperate.recipe import Recipe
 from qtemperate.size import SizeReport, model_size
 from qtemperate.tracking import MetricLogger, build_loggers
@@ -130,6 +131,8 @@ class Trainer:
         r, device, say = self.recipe, self.device, self.console.say
         seed_all(r.seed)
         target = resolve_target(r.export.target, "export.target")  # sets the QAT ranges: before training
+        if ckpt is not None:  # resumed (maybe on another CPU class): keep the target it was trained for
+            target = state_dict_target(ckpt.model, target)
         say(f"deployment target: {target} (export.target: {r.export.target})")
         d = r.data
         bundle = build_datasets(

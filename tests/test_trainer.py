@@ -137,6 +137,23 @@ def test_export_target_sets_the_qat_ranges(tmp_path: Path) -> None:
     assert cfg.target == "x86-avx2" and cfg.first_last_bits == 7 and cfg.weight_bits == 4
 
 
+def test_resume_on_another_cpu_class_keeps_the_trained_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU classes emulated by ``QTEMPERATE_TARGET``: trained on an AVX2-only x86, resumed on a VNNI one."""
+    from qtemperate.quantization import get_quant_config
+
+    recipe = parse_recipe(_short(tmp_path))  # export.target: auto
+    monkeypatch.setenv("QTEMPERATE_TARGET", "x86-avx2")
+    with pytest.raises(TrainingInterrupted):
+        Trainer(recipe, run_dir=tmp_path / "b", progress=False, stop_after_epochs=2).run()  # inside w4a4
+    monkeypatch.setenv("QTEMPERATE_TARGET", "x86-vnni")
+    s = Trainer(recipe, run_dir=tmp_path / "b", resume=True, progress=False).run()
+    assert s["export_target"] == "x86-avx2" and s["detected_target"] == "x86-vnni"
+    assert s["export_target_max_weight_bits"] == 7 and "exact here too" in s["target_warning"]
+    model, _ = load_student(tmp_path / "b" / "student.pt")
+    cfg = get_quant_config(model)
+    assert cfg.target == "x86-avx2" and cfg.first_last_bits == 7  # not rebuilt with 8-bit ranges
+
+
 def test_resume_matches_uninterrupted(tmp_path: Path) -> None:
     recipe = parse_recipe(_short(tmp_path))
     full = Trainer(recipe, run_dir=tmp_path / "a", progress=False).run()

@@ -129,6 +129,12 @@ def _file_entry(path: Path, bits: str, quantized: bool) -> dict[str, Any]:
     return entry
 
 
+def _odd_widths(model: nn.Module) -> list[int]:
+    """Conv channel counts that are not multiples of 8 (padded by the int8 kernels' packing)."""
+    return sorted({m.out_channels for m in model.modules()
+                   if isinstance(m, nn.Conv1d | nn.Conv2d) and m.out_channels % 8})
+
+
 def _min_width(model: nn.Module) -> int | None:
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d)]
     return min(widths) if widths else None
@@ -286,6 +292,10 @@ def _speedups(out: dict[str, Any], float_student: nn.Module) -> dict[str, Any]:
             f"{_min_width(float_student)} channels), so its int8 kernels are overhead-bound "
             "(quantize, requantize, packing); prune less or keep wider layers where latency matters"
         )
+        odd = _odd_widths(float_student)
+        if odd:
+            note += (f"; channel counts {odd} are not multiples of 8: student.round_to: 8 makes the "
+                     "planner keep widths the int8 kernels pack without padding")
         if res.get("openvino_int8_speedup"):
             note += f"; OpenVINO runs the same file at x{max(res['openvino_int8_speedup'].values()):.2f}"
         res["int8_latency_note"] = note

@@ -28,6 +28,7 @@ __all__ = [
     "capped_weight_bits",
     "model_target",
     "resolve_target",
+    "state_dict_target",
 ]
 
 TARGET_ATTR = "qtemperate_target"
@@ -113,3 +114,23 @@ def capped_weight_bits(bits: int, target: str | None) -> int:
     if target is None:
         return bits
     return min(bits, TARGETS[target].max_weight_bits)
+
+
+def state_dict_target(state_dict: dict[str, Any], default: str | None) -> str | None:
+    """The target a saved ``state_dict`` was trained for, else ``default``.
+
+    A resumed run keeps the target it was trained for: ``auto`` resolved again on
+    another CPU class would otherwise rebuild the quantizers with that class's ranges
+    while the loaded tag still names the old target (a student claiming 7-bit weights
+    that holds 8-bit ones).
+
+    Raises:
+        ValueError: for a code no target has (a corrupt or newer file).
+    """
+    code = state_dict.get(f"{TARGET_ATTR}.code")
+    if code is None:  # a float-stage checkpoint, or one saved before targets existed
+        return default
+    value = int(torch.as_tensor(code).reshape(-1)[0])
+    if value not in _CODE_TARGETS:
+        raise ValueError(f"state_dict: unknown deployment target code {value}")
+    return _CODE_TARGETS[value]

@@ -147,5 +147,10 @@ def test_int8_pointless_note_names_the_narrow_layers() -> None:
     assert res["int8_speedup"] == {"1": 1.0, "64": pytest.approx(10 / 9.5)}
     assert res["openvino_int8_speedup"] == {"1": 1.25, "64": 2.0}
     assert "narrowest conv 8 channels" in res["int8_latency_note"] and "OpenVINO" in res["int8_latency_note"]
+    assert "round_to" not in res["int8_latency_note"]  # widths 8, 16: already multiples of 8
+    odd = build_model("small_cnn", num_classes=10, in_channels=1, width=6)
+    widths = sorted({m.out_channels for m in odd.modules() if isinstance(m, nn.Conv2d)})
+    note = _speedups(out, odd)["int8_latency_note"]
+    assert f"channel counts {[w for w in widths if w % 8]}" in note and "student.round_to: 8" in note
     out["int8_onnx_latency_ms"] = {"1": 0.5, "64": 4.0}
     assert _speedups(out, narrow)["int8_latency_note"] is None
