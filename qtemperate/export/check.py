@@ -182,7 +182,9 @@ def export_and_check(
         ``onnx_outputs`` (per output, when there are several), ``onnx_deployed_warning``,
         ``onnx_latency_ms`` and ``int8_onnx_latency_ms`` (``{batch: ms}`` or ``None``),
         ``teacher_onnx_latency_ms`` / ``float_student_onnx_latency_ms`` when timed,
-        ``int8_speedup``, ``int8_latency_note``, ``onnx_byte_breakdown``,
+        ``int8_onnx_top1_agreement`` / ``int8_onnx_max_abs_diff`` (the int8 twin against
+        its own PyTorch model), ``teacher_onnx_top1_agreement`` / ``teacher_onnx_max_abs_diff``
+        (when the teacher was timed), ``int8_speedup``, ``int8_latency_note``, ``onnx_byte_breakdown``,
         ``onnx_int16_saturation`` (the ``x86-avx2`` rule on the int8 file), ``onnx_files``
         (per file: bits and the runtimes that run it with integer kernels), the
         ``openvino_*`` and ``qonnx_*`` keys, and the target facts of :func:`target_facts`.
@@ -221,6 +223,9 @@ def export_and_check(
                 int8_path = export_onnx(int8_model, out_dir / "student_int8.onnx", example)
                 rep8 = verify_onnx(int8_path, int8_model, x, classification_outputs)
                 out.update(_verify_keys("int8_onnx", rep8))
+                # main's names for the twin's own agreement (issue 10): the deployed session
+                out["int8_onnx_top1_agreement"] = rep8.top1_agreement
+                out["int8_onnx_max_abs_diff"] = rep8.max_abs_diff
                 c8 = get_quant_config(int8_model)
                 files[int8_path.name] = _file_entry(int8_path, f"W{c8.weight_bits}A{c8.act_bits}", True)
                 if qonnx:
@@ -253,6 +258,9 @@ def export_and_check(
             try:
                 tpath = export_onnx(teacher.to("cpu").eval(), out_dir / "teacher.onnx", example)
                 files[tpath.name] = _file_entry(tpath, "float", False)
+                trep = verify_onnx(tpath, teacher, x, classification_outputs)
+                out["teacher_onnx_top1_agreement"] = trep.top1_agreement
+                out["teacher_onnx_max_abs_diff"] = trep.max_abs_diff
                 out["teacher_onnx_latency_ms"] = _latency(tpath, batch_sizes, iters)
             finally:
                 teacher.to(t_device)

@@ -37,6 +37,9 @@ def test_w4a4_student_gets_an_int8_twin_and_a_teacher_file(tmp_path: Path, digit
     # the deployed session is what onnxruntime users run; the twin is verified too
     assert out["onnx_deployed_agreement"] == out["onnx_top1_agreement"] >= 0.99
     assert out["int8_onnx_deployed_agreement"] >= 0.99 and out["int8_onnx_graph_agreement"] >= 0.99
+    assert out["int8_onnx_top1_agreement"] == out["int8_onnx_deployed_agreement"]  # main's key name
+    assert out["int8_onnx_max_abs_diff"] == out["int8_onnx_deployed_max_abs_diff"]
+    assert out["teacher_onnx_top1_agreement"] == 1.0 and out["teacher_onnx_max_abs_diff"] < 1e-3  # float
     assert out["onnx_deployed_warning"] is None
     assert out["export_target"] == out["detected_target"] and out["target_warning"] is None
     # per file: which runtime runs it with integer kernels
