@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test lint bench clean
+.PHONY: install data testdeps demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,16 +32,29 @@ data:
 		echo "apt-get not available: set QTEMPERATE_FASHION_MNIST to a folder with the IDX files"; \
 	fi
 
+# Debian's qemu-user runs the int8 kernels of an AVX2-only x86 CPU (no VNNI) under
+# emulation, for the exactness tests of the x86-avx2 target (tests/export/test_emulate.py).
+testdeps:
+	@if [ "$$(uname -m)" != x86_64 ] || command -v qemu-x86_64 >/dev/null 2>&1; then \
+		true; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq qemu-user; \
+	else \
+		echo "qemu-x86_64 not available: the emulated-AVX2 tests will be skipped"; \
+	fi
+
 demo: install data
 	$(BIN)/qtemperate run recipes/fashion_mnist_quickstart.yaml
 
-test: install data
+test: install data testdeps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check qtemperate tests bench
 
 bench: install data
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m pytest bench --benchmark-only -q
 
 clean:

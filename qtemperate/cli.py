@@ -110,6 +110,9 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         )
     if summary.get("onnx_top1_agreement") is not None:
         lines.append(f"onnx agreement:    {summary['onnx_top1_agreement'] * 100:.2f}% top-1 vs PyTorch")
+    from qtemperate.export.report import deployment_lines
+
+    lines.extend(deployment_lines(summary))
     lines.append(f"wall time:         {summary['wall_time_s']:.1f} s")
     print("\n".join(lines))
 
@@ -344,6 +347,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _sigterm_unwinds(), claim_run_dir(Path(args.run_dir), purpose="export"):
         report = export_run(Path(args.run_dir), batch_sizes=tuple(args.batch_sizes))
     print(json.dumps(report, indent=2))
+    from qtemperate.export.report import deployment_warnings
+
+    for line in deployment_warnings(report):
+        print(line, file=sys.stderr)
     return 0
 
 

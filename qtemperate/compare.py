@@ -363,7 +363,7 @@ def export_run(run_dir: Path, batch_sizes: Sequence[int] = (1, 64), samples: int
     """
     import torch
 
-    from qtemperate.checkpoint import load_student
+    from qtemperate.checkpoint import load_checkpoint, load_student
     from qtemperate.export import export_and_check
     from qtemperate.recipe import RecipeError, load_recipe
 
@@ -385,7 +385,9 @@ def export_run(run_dir: Path, batch_sizes: Sequence[int] = (1, 64), samples: int
 
         info = dataset_info(recipe.data.name, recipe.data.kwargs)
         inputs = torch.randn(samples, info.in_channels, *info.image_size)
-    report = export_and_check(model, run_dir, inputs, batch_sizes=batch_sizes, iters=20)
+    arch = load_checkpoint(run_dir / "student.pt").get("arch")  # float widths: the int8 speed-up
+    report = export_and_check(model, run_dir, inputs, batch_sizes=batch_sizes, iters=20,
+                              float_student=arch if isinstance(arch, torch.nn.Module) else None)
     return {
         **report,
         "weight_bits": meta["weight_bits"],

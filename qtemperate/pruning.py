@@ -696,7 +696,7 @@ def _output_layers(model: nn.Module) -> list[nn.Module]:
     Found on the FX graph (walking back from each output through non-layer operations);
     an untraceable model falls back to :func:`_default_classifier`.
     """
-    from qtemperate.graph_outputs import output_layer_names
+    from qtemperate.fx_graph import output_layer_names
 
     names = output_layer_names(model, lambda m: isinstance(m, nn.modules.conv._ConvNd | nn.Linear))
     if names:

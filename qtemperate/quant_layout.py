@@ -41,6 +41,7 @@ import torch
 from torch import fx, nn
 
 from qtemperate.bits import FLOAT_BITS
+from qtemperate.fx_graph import forward_is_add
 from qtemperate.size import SizeReport
 
 __all__ = ["QuantLayout", "quant_layout"]
@@ -65,26 +66,7 @@ _PRODUCERS = (nn.ReLU, *_POOLS)  # modules quantize() ends with a quantizer (amo
 _PLAIN_FUNCTIONS = (*_SOURCE_FUNCTIONS, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                     operator.getitem, getattr)
 _PLAIN_METHODS = (*_SOURCE_METHODS, "permute", "transpose", "squeeze", "unsqueeze", "size", "dim")
-_ADD_TARGETS = (operator.add, torch.add)
 _ADD_CACHE: dict[type, bool] = {}
-
-
-def _forward_is_add(module: nn.Module) -> bool:
-    """Whether ``module``'s FX graph is ``output(add(input_0, input_1))``."""
-    try:
-        nodes = list(fx.symbolic_trace(module).graph.nodes)
-    except Exception:  # not traceable: not a plain add
-        return False
-    inputs = [n for n in nodes if n.op == "placeholder"]
-    calls = [n for n in nodes if n.op not in ("placeholder", "output")]
-    outputs = [n for n in nodes if n.op == "output"]
-    if len(inputs) != 2 or len(calls) != 1 or len(outputs) != 1:
-        return False
-    add = calls[0]
-    return (
-        add.op == "call_function" and add.target in _ADD_TARGETS and not add.kwargs
-        and len(add.args) == 2 and set(add.args) == set(inputs) and outputs[0].args[0] is add
-    )
 
 
 def _is_residual_add(module: nn.Module) -> bool:
@@ -96,7 +78,7 @@ def _is_residual_add(module: nn.Module) -> bool:
         return False
     cls = type(module)
     if cls not in _ADD_CACHE:
-        _ADD_CACHE[cls] = _forward_is_add(module)
+        _ADD_CACHE[cls] = forward_is_add(module)
     return _ADD_CACHE[cls]
 
 
@@ -130,25 +112,11 @@ def _fold_pairs(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, 
 
 def _first_last(gm: fx.GraphModule, modules: dict[str, nn.Module], folded_bns: set[str]) -> tuple[set[str], set[str]]:
     """Layers reading the model input, and the layers producing its outputs (as quantize finds them)."""
-    from qtemperate.graph_outputs import output_layers
+    from qtemperate.fx_graph import input_layers, output_layers
 
-    first: set[str] = set()
-    frontier = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    seen: set[fx.Node] = set()
-    while frontier:
-        node = frontier.pop()
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            mod = modules.get(user.target) if user.op == "call_module" else None
-            # quantize() searches after folding: a folded BN is an Identity by then
-            passthrough = isinstance(mod, _FIRST_LAYER_PASSTHROUGH) or (
-                user.op == "call_module" and user.target in folded_bns)
-            if isinstance(mod, _WEIGHT_LAYERS):
-                first.add(user.target)
-            elif passthrough or (user.op in ("call_method", "call_function") and user.target not in (torch.add,)):
-                frontier.append(user)
+    # quantize() searches after folding: a folded BN is an Identity by then
+    first, _ = input_layers(gm, lambda m: isinstance(m, _WEIGHT_LAYERS), lambda n, m: (
+        isinstance(m, _FIRST_LAYER_PASSTHROUGH) or n.target in folded_bns))
     ordered = [n.target for n in gm.graph.nodes
                if n.op == "call_module" and isinstance(modules.get(n.target), _WEIGHT_LAYERS)]
     if first and ordered:

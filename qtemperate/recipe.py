@@ -456,13 +456,31 @@ class TrackingConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    """ONNX export of the student, checked and timed in onnxruntime."""
+    """ONNX export of the student, checked and timed in onnxruntime (and OpenVINO, QONNX).
+
+    ``target`` is the CPU class the student is trained for (``auto``: the CPU running
+    the run; see :mod:`qtemperate.export.targets`): it sets the QAT ranges, so it is
+    resolved before training. ``openvino`` / ``qonnx`` run those checks when the
+    optional packages are installed (the summary names the extra otherwise).
+    """
 
     onnx: bool = True
+    target: str = "auto"
     verify_samples: Int = Field(default=256, ge=1)
     benchmark: bool = True
     batch_sizes: list[Annotated[Int, Field(gt=0)]] = Field(default_factory=lambda: [1, 64], min_length=1)
     benchmark_iters: Int = Field(default=20, ge=1)
+    openvino: bool = True
+    qonnx: bool = True
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, value: str) -> str:
+        from qtemperate.export.targets import TARGET_CHOICES
+
+        if value not in TARGET_CHOICES:
+            raise ValueError(f"unknown target {value!r}; allowed: {', '.join(TARGET_CHOICES)}")
+        return value
 
 
 Precision = Literal["auto", "fp32", "bf16"]

@@ -51,11 +51,13 @@ from qtemperate.atomic import write_json_atomic
 from qtemperate.checkpoint import save_atomic, save_student
 from qtemperate.data import DataBundle, RunLoaders, build_datasets, build_run_loaders
 from qtemperate.errors import CheckpointError, DataFormatError, QtemperateWarning
+from qtemperate.export.targets import resolve_target
 from qtemperate.heads import Task
 from qtemperate.joint_scheduler import JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
 from qtemperate.preflight import ProtocolWarning, check_bundle, check_validation_split
 from qtemperate.quantization.report import quantization_summary
+from qtemperate.quantization.targets import state_dict_target
 from qtemperate.recipe import Recipe, RecipeError
 from qtemperate.run_dir import check_resume_compatible, claim_run_dir, metrics_size
 from qtemperate.schedule_switches import ModelFacts, resolve_switches, write_temperature_table
@@ -235,6 +237,12 @@ class Trainer:
         main = distributed.is_main()  # rank 0 alone writes files
         bundle, loaders, example = data.bundle, data.loaders, data.example
         ckpt = state.checkpoint
+        # The deployment target sets the QAT ranges: resolved before training, by rank 0
+        # (every rank trains for its CPU class); a resumed run keeps the one it trained for.
+        target = distributed.from_main(lambda: resolve_target(r.export.target, "export.target"))
+        if ckpt is not None:
+            target = state_dict_target(ckpt.model, target)
+        say(f"deployment target: {target} (export.target: {r.export.target})")
         task = Task.from_recipe(r)  # which output is scored, each head's task loss
         logger.log_config(r.model_dump(mode="json"))
         world = distributed.world_size()
@@ -290,7 +298,7 @@ class Trainer:
             prog, stage_idx = ckpt.progress, ckpt.stage_index
             sched.load_state_dict(ckpt.scheduler)
             stage = sched.stages[stage_idx]
-            student = enter_stage(student, stage, False, r.student, device, calibration=None)
+            student = enter_stage(student, stage, False, r.student, device, calibration=None, target=target)
             quantized_now = stage.quantized
             try:
                 student.load_state_dict(ckpt.model)
@@ -310,7 +318,7 @@ class Trainer:
             if idx != stage_idx:
                 student = enter_stage(distributed.unwrap(student), stage, quantized_now, r.student, device,
                                       loaders.calib, report_dir=self.run_dir if main else None,
-                                      say=say if main else None)
+                                      say=say if main else None, target=target)
                 fault_point("stage_switch")
                 agreed = distributed.sync_module_(student)
                 quantized_now = quantized_now or stage.quantized
@@ -365,7 +373,7 @@ class Trainer:
                          extra={"recipe": r.name, "student_acc": student_acc},
                          arch_model=arch_model, arch_kwargs=arch_kwargs, arch_search_path=arch_path)
         s_size = model_size(student, example)
-        export = self._export(student, teacher, bundle) if main else {}
+        export = self._export(student, teacher, bundle, arch) if main else {}
         prog.elapsed_s += time.perf_counter() - t_start
         summary = {**self._summary(teacher_acc, student_acc, t_size, s_size, plan, prog, export),
                    **run_facts(r, bundle, teacher), **switches.summary(),
@@ -444,17 +452,21 @@ class Trainer:
             "bytes": float(size.quantized_bytes if st.quantized else size.float_bytes),
         }
 
-    def _export(self, student: nn.Module, teacher: nn.Module, bundle: DataBundle) -> dict[str, Any]:
-        """``student.onnx`` (and its int8 twin, ``teacher.onnx``) verified and timed."""
+    def _export(self, student: nn.Module, teacher: nn.Module, bundle: DataBundle, arch: nn.Module) -> dict[str, Any]:
+        """``student.onnx`` (its int8 twin, QONNX file, ``teacher.onnx``) verified and timed."""
         e = self.recipe.export
-        if not e.onnx:
-            return {"onnx_latency_ms": None, "int8_onnx_latency_ms": None}
-        from qtemperate.export import export_and_check
+        from qtemperate.export.check import export_and_check, target_facts
 
+        if not e.onnx:
+            return {"onnx_latency_ms": None, "int8_onnx_latency_ms": None,
+                    "export_target_requested": e.target, **target_facts(student)}
         n = min(e.verify_samples, len(bundle.test))
         inputs = torch.stack([bundle.test[i][0] for i in range(n)])
-        return export_and_check(student, self.run_dir, inputs, teacher=teacher, benchmark=e.benchmark,
-                                batch_sizes=e.batch_sizes, iters=e.benchmark_iters)
+        task = Task.from_recipe(self.recipe)  # top-1 agreement on the scored head of a multi-output model
+        return {"export_target_requested": e.target, **export_and_check(
+            student, self.run_dir, inputs, teacher=teacher, benchmark=e.benchmark, batch_sizes=e.batch_sizes,
+            iters=e.benchmark_iters, float_student=arch, openvino=e.openvino, qonnx=e.qonnx,
+            classification_outputs=[task.accuracy_head] if task.accuracy_head else None)}
 
     def _summary(
         self, teacher_acc: float, student_acc: float, t_size: SizeReport, s_size: SizeReport,

@@ -175,7 +175,7 @@ def test_run_a_multi_output_detector_with_per_head_temperatures(tmp_path: Path) 
     run_dir = tmp_path / "det"
     small = ["data.kwargs.n_train=384", "data.kwargs.n_test=128", "teacher.train.epochs=2",
              "stages.0.epochs=1", "stages.1.epochs=1", "tracking.loggers=[jsonl]", "tracking.log_every=1",
-             "export.onnx=false",
+             "export.benchmark=false", "export.openvino=false", "export.qonnx=false", "export.verify_samples=64",
              f"output_dir={tmp_path}"]
     args = ["run", str(ROOT / "recipes" / "synthetic_detection.yaml"), "--run-dir", str(run_dir), "--no-progress"]
     assert main([*args, *(x for s in small for x in ("--set", s))]) == 0
@@ -192,6 +192,16 @@ def test_run_a_multi_output_detector_with_per_head_temperatures(tmp_path: Path) 
         assert r["train/task_boxes"] >= 0 and r["train/task_logits"] >= 0
         assert not any(k.startswith("train/kd_boxes") for k in r)  # weight 0: not distilled
     assert [s["weight_bits"] for s in summary["stages"]] == [32, 8, 4]
+    # Every head exported under its name and checked against PyTorch, the graph exactly.
+    import onnx
+
+    graph = onnx.load(str(run_dir / "student.onnx")).graph
+    assert [o.name for o in graph.output] == ["features", "logits", "boxes"]
+    heads = summary["onnx_outputs"]
+    assert set(heads) == {"features", "logits", "boxes"}
+    assert heads["logits"]["graph_agreement"] >= 0.99 and heads["logits"]["deployed_agreement"] is not None
+    assert heads["boxes"]["graph_agreement"] is None  # regression: max |diff| only
+    assert all(heads[h]["graph_max_abs_diff"] < 1e-3 for h in heads)  # the graph is exact
 
     # student_acc is the accuracy of the `logits` head (task.accuracy_head), recomputed here
     # independently from student.pt and the test split.

@@ -205,11 +205,15 @@ def test_residual_add_shares_one_quantizer_and_sum_is_on_its_grid() -> None:
     add = q.add
     quantizers = [m for m in add.modules() if isinstance(m, qnn.QuantIdentity)]
     assert len(quantizers) == 1
+    # add(y, x): y (conv3 output) is quantized; x (relu1 output) is already on its grid
+    assert add.quantize_inputs == (True, False)
     a, b = torch.randn(2, 8, 4, 4), 3 * torch.randn(2, 8, 4, 4)
     with torch.no_grad():
-        out = add(a, b)  # eval must not raise
         scale = add.input_quant.act_quant.scale()
-    k = out / scale
+        k = (add(a, b) - b) / scale  # eval must not raise
+        torch.testing.assert_close(k, torch.round(k), atol=1e-3, rtol=0)
+        add.quantize_inputs = (True, True)  # both quantized: the sum is on the one grid
+        k = add(a, b) / scale
     torch.testing.assert_close(k, torch.round(k), atol=1e-3, rtol=0)
 
 

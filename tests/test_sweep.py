@@ -145,7 +145,8 @@ def test_each_sweep_run_reads_back_with_leet_inspect(offline_sweep: dict) -> Non
         assert row["latency_b1_ms"] == summary["onnx_latency_ms"]["1"] and row["weight_bits"] == 4
         assert [r[0] for r in run["tables"]["stages_table"]["data"]] == ["w8a8", "w4a4"]
         onnx = {a["name"]: a for a in run["artifacts"] if a["name"].endswith("-onnx")}
-        assert sorted(onnx) == ["tiny-student-onnx", "tiny-student_int8-onnx", "tiny-teacher-onnx"]
+        assert sorted(onnx) == ["tiny-student-onnx", "tiny-student.qonnx-onnx", "tiny-student_float-onnx",
+                                "tiny-student_int8-onnx", "tiny-teacher-onnx"]
         assert all(a["type"] == "model" for a in onnx.values())
         assert onnx["tiny-student-onnx"]["files"] == ["student.onnx"]
 

@@ -58,6 +58,13 @@ def test_summary_is_consistent(full_run: tuple[Path, dict]) -> None:
     assert set(s["onnx_latency_ms"]) == {"1", "8"} and all(v > 0 for v in s["onnx_latency_ms"].values())
     assert s["onnx_top1_agreement"] >= 0.99
     assert s["teacher_logits_cached"] is True
+    # the deployment target: resolved before training (auto = this CPU) and recorded
+    assert s["export_target_requested"] == "auto"
+    assert s["export_target"] == s["detected_target"] and s["target_warning"] is None
+    assert s["onnx_deployed_agreement"] == s["onnx_top1_agreement"]
+    assert s["onnx_graph_agreement"] >= 0.99 and s["int8_onnx_deployed_agreement"] >= 0.99
+    assert s["onnx_files"]["student_int8.onnx"]["runtimes"]["onnxruntime"].startswith("integer kernels")
+    assert set(s["float_student_onnx_latency_ms"]) == {"1", "8"}
 
 
 def test_metrics_jsonl_has_steps_and_epochs(full_run: tuple[Path, dict]) -> None:
@@ -120,7 +127,8 @@ def test_wandb_summary_is_flat_and_never_clobbered(full_run: tuple[Path, dict]) 
     assert row["dataset"] == "digits" and row["target_cpu"] == s["target_cpu"] and row["act_bits"] == 4
     assert data["summary"]["schedule"]["_type"] == "image-file" and (run_dir / "schedule.png").is_file()
     onnx = sorted(a["name"] for a in data["artifacts"] if a["name"].endswith("-onnx"))
-    assert onnx == ["tiny-student-onnx", "tiny-student_int8-onnx", "tiny-teacher-onnx"]
+    assert onnx == ["tiny-student-onnx", "tiny-student.qonnx-onnx", "tiny-student_float-onnx",
+                    "tiny-student_int8-onnx", "tiny-teacher-onnx"]
 
 
 def test_the_validation_split_drives_the_schedule(full_run: tuple[Path, dict]) -> None:
@@ -150,6 +158,37 @@ def test_export_verb_reexports_and_verifies(full_run: tuple[Path, dict], capsys:
 
 def _short(tmp: Path) -> dict:
     return tiny_recipe(tmp, teacher={"model": "small_cnn", "kwargs": {"width": 8}, "train": {"epochs": 1, "lr": 0.05}})
+
+
+def test_export_target_sets_the_qat_ranges(tmp_path: Path) -> None:
+    from qtemperate.quantization import get_quant_config
+
+    recipe = parse_recipe(tiny_recipe(tmp_path, teacher={"model": "small_cnn", "kwargs": {"width": 8},
+                                                         "train": {"epochs": 1, "lr": 0.05}},
+                                      export={"target": "x86-avx2"}))
+    s = Trainer(recipe, run_dir=tmp_path / "run", progress=False).run()
+    assert s["export_target"] == "x86-avx2" and s["export_target_requested"] == "x86-avx2"
+    assert s["export_target_max_weight_bits"] == 7
+    model, _ = load_student(tmp_path / "run" / "student.pt")
+    cfg = get_quant_config(model)
+    assert cfg.target == "x86-avx2" and cfg.first_last_bits == 7 and cfg.weight_bits == 4
+
+
+def test_resume_on_another_cpu_class_keeps_the_trained_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU classes emulated by ``QTEMPERATE_TARGET``: trained on an AVX2-only x86, resumed on a VNNI one."""
+    from qtemperate.quantization import get_quant_config
+
+    recipe = parse_recipe(_short(tmp_path))  # export.target: auto
+    monkeypatch.setenv("QTEMPERATE_TARGET", "x86-avx2")
+    with pytest.raises(TrainingInterrupted):
+        Trainer(recipe, run_dir=tmp_path / "b", progress=False, stop_after_epochs=2).run()  # inside w4a4
+    monkeypatch.setenv("QTEMPERATE_TARGET", "x86-vnni")
+    s = Trainer(recipe, run_dir=tmp_path / "b", resume=True, progress=False).run()
+    assert s["export_target"] == "x86-avx2" and s["detected_target"] == "x86-vnni"
+    assert s["export_target_max_weight_bits"] == 7 and "exact here too" in s["target_warning"]
+    model, _ = load_student(tmp_path / "b" / "student.pt")
+    cfg = get_quant_config(model)
+    assert cfg.target == "x86-avx2" and cfg.first_last_bits == 7  # not rebuilt with 8-bit ranges
 
 
 def test_resume_matches_uninterrupted(tmp_path: Path) -> None:

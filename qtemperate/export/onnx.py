@@ -7,6 +7,9 @@ and the file holds integers; a float model goes through plain ``torch.onnx.expor
 
 The graph is built in memory and written atomically (:mod:`qtemperate.atomic`): a
 full disk or a killed export never leaves a truncated ``.onnx`` file behind.
+A model may return one tensor (output ``logits``), a dict of tensors (one output per
+key, named after it: a detector's ``{"class": ..., "box": ...}``) or a tuple / list of
+tensors (``output_0``, ``output_1``, ...; a named tuple's field names).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from qtemperate.export.qcdq import INT4_OPSET, postprocess_qcdq
 from qtemperate.quantization import is_quantized
 from qtemperate.quantization.torch_ao import check_ao_exportable
 
-__all__ = ["INPUT_NAME", "INT4_OPSET", "OUTPUT_NAME", "export_onnx", "model_device"]
+__all__ = ["INPUT_NAME", "INT4_OPSET", "OUTPUT_NAME", "export_onnx", "flatten_outputs", "model_device", "output_names"]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -40,6 +43,49 @@ def model_device(model: nn.Module) -> torch.device:
     for t in (*model.parameters(), *model.buffers()):
         return t.device
     return torch.device("cpu")
+def flatten_outputs(out: Any) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and tensors of a model output: a tensor, a dict of tensors or a tuple/list of tensors.
+
+    The order is the one ``torch.onnx.export`` flattens them in (dict insertion order).
+
+    Raises:
+        ValueError: for nested structures, non-tensor values, non-string keys or a name
+            equal to the input's.
+    """
+    if isinstance(out, torch.Tensor):
+        return [OUTPUT_NAME], [out]
+    if isinstance(out, dict):
+        names, values = list(out), list(out.values())
+        if not all(isinstance(k, str) and k for k in names):
+            raise ValueError(f"model output dict keys must be non-empty strings, got {names!r}")
+    elif isinstance(out, tuple | list):
+        fields = getattr(out, "_fields", None)
+        names = list(fields) if fields else [f"output_{i}" for i in range(len(out))]
+        values = list(out)
+    else:
+        raise ValueError(
+            f"model output must be a tensor, a dict or a tuple of tensors, got {type(out).__name__}"
+        )
+    bad = [n for n, v in zip(names, values) if not isinstance(v, torch.Tensor)]
+    if not values or bad:
+        raise ValueError(
+            f"model outputs must all be tensors (no nesting); not tensors: {bad or 'empty output'}"
+        )
+    if INPUT_NAME in names:
+        raise ValueError(f"a model output may not be named {INPUT_NAME!r} (the input's name)")
+    return names, values
+
+
+def output_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """The ONNX output names :func:`export_onnx` gives ``model`` (runs it once in eval mode)."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return flatten_outputs(model(example_input.to(device)))[0]
+    finally:
+        model.train(was_training)
 
 
 def export_onnx(
@@ -59,10 +105,11 @@ def export_onnx(
             opset 21 for packed ``INT4`` weights.
 
     Returns:
-        The path written.
+        The path written; its outputs are named by :func:`output_names`.
 
     Raises:
-        ValueError: if ``opset`` is outside 13..21 or ``example_input`` is not a tensor.
+        ValueError: if ``opset`` is outside 13..21, ``example_input`` is not a tensor or the
+            model's output is not a tensor / dict / tuple of tensors.
     """
     if not isinstance(example_input, torch.Tensor):
         raise ValueError(
@@ -72,10 +119,11 @@ def export_onnx(
         raise ValueError(f"opset must be in 13..{INT4_OPSET}, got {opset}")
     path = Path(path)
     export_opset = 17 if opset is None else min(opset, 20)
+    names = output_names(qmodel, example_input)
     kwargs: dict[str, Any] = {
         "input_names": [INPUT_NAME],
-        "output_names": [OUTPUT_NAME],
-        "dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        "output_names": names,
+        "dynamic_axes": {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in names}},
         "opset_version": export_opset,
         "dynamo": False,
     }

@@ -13,7 +13,11 @@
    layers of :mod:`qtemperate.quantization` round their bias with the very same formula
    (:func:`qtemperate.quantization.quantize_bias`: float32 ``s_b``, float64 division,
    half-to-even), so PyTorch and onnxruntime agree up to float summation order;
-4. internal tensor and node names are shortened.
+4. the all-zero int32 zero points of bias ``DequantizeLinear`` nodes are dropped (ONNX's
+   default zero point is 0 of the input's type; 4 bytes per channel), identical initializers (the scalar scales and zero points Brevitas
+   writes once per Q and once per DQ) are stored once, and internal tensor names are
+   shortened and node names dropped: every byte left is a weight, a scale the format
+   needs, or a node (:func:`qtemperate.export.size.onnx_byte_breakdown`).
 """
 
 from __future__ import annotations
@@ -39,17 +43,56 @@ def postprocess_qcdq(model: onnx.ModelProto, allow_int4: bool) -> onnx.ModelProt
     _fold_weight_clips(model, use_int4=int4_needed)
     _move_dq_below_order_preserving_ops(model)
     _quantize_biases(model)
+    _drop_zero_initializer_zero_points(model)
+    _dedupe_initializers(model)
     _prune_initializers(model)
     _shorten_names(model)
     return model
 
 
+_DROP_ZP_TYPES = {TensorProto.INT32}
+"""Only int32 (bias) zero points: onnxruntime 1.32 fuses ``QGemm`` only when the weight's
+``DequantizeLinear`` has its zero point (int8 weights keep theirs: 1 byte per channel)."""
+
+
+def _drop_zero_initializer_zero_points(model: onnx.ModelProto) -> None:
+    """Remove all-zero int32 zero points of bias DQs (default zero point: 0).
+
+    An activation DQ keeps its zero point (onnxruntime compares it with its
+    QuantizeLinear's when it fuses the pair), and so does a weight DQ (see below).
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or len(n.input) < 3 or n.input[0] not in inits:
+            continue
+        zp = inits.get(n.input[2])
+        if zp is not None and zp.data_type in _DROP_ZP_TYPES and not np.any(numpy_helper.to_array(zp).astype(np.int64)):
+            del n.input[2]
+
+
+def _dedupe_initializers(model: onnx.ModelProto) -> None:
+    """Point every user of an initializer identical to an earlier one (type, shape, bytes) at it."""
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    for init in model.graph.initializer:
+        key = (init.data_type, tuple(init.dims), numpy_helper.to_array(init).tobytes())
+        if key in first:
+            rename[init.name] = first[key]
+        else:
+            first[key] = init.name
+    if not rename:
+        return
+    for n in model.graph.node:
+        n.input[:] = [rename.get(x, x) for x in n.input]
+
+
 def _shorten_names(model: onnx.ModelProto) -> None:
-    """Rename internal tensors and nodes to short ids (``t12``, ``n7``).
+    """Rename internal tensors to short base-36 ids (``t0``..``tz``, ``t10``..) and drop node names.
 
     The exporter names tensors after Brevitas' module paths
     (``/layer1/layer1.0/conv1/weight_quant/export_handler/...``); on a small model those
-    strings were ~40 % of a 4-bit file. The graph's input and output keep their names.
+    strings were ~40 % of a 4-bit file. Node names are optional in ONNX (a node is known
+    by its output). The graph's inputs and outputs keep their names.
     """
     g = model.graph
     keep = {v.name for v in g.input} | {v.name for v in g.output}
@@ -59,13 +102,13 @@ def _shorten_names(model: onnx.ModelProto) -> None:
         if not name or name in keep:
             return name
         if name not in mapping:
-            mapping[name] = f"t{len(mapping)}"
+            mapping[name] = "t" + np.base_repr(len(mapping), 36).lower()
         return mapping[name]
 
     for init in g.initializer:
         init.name = short(init.name)
-    for i, node in enumerate(g.node):
-        node.name = f"n{i}"
+    for node in g.node:
+        node.name = ""
         node.input[:] = [short(x) for x in node.input]
         node.output[:] = [short(x) for x in node.output]
     for vi in g.value_info:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,32 @@ from torch import nn
 
 from qtemperate.export.onnx import model_device
 
-__all__ = ["VerifyReport", "benchmark_onnx", "optimized_op_types", "verify_onnx"]
+__all__ = [
+    "OutputAgreement",
+    "OutputReport",
+    "VerifyReport",
+    "benchmark_onnx",
+    "compare_with_pytorch",
+    "is_classification_output",
+    "optimized_op_types",
+    "ort_runner",
+    "verify_onnx",
+]
 
-def _session(path: str | Path, threads: int | None = None, optimized_path: str | None = None):
+def _session(
+    path: str | Path,
+    threads: int | None = None,
+    optimized_path: str | None = None,
+    optimized: bool = True,
+):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {threads}")
@@ -49,23 +69,58 @@ def optimized_op_types(path: str | Path) -> Counter[str]:
     return Counter(n.op_type for n in model.graph.node)
 
 
+CLASSIFICATION_NAME = re.compile(r"logit|class|cls|label|score|prob", re.IGNORECASE)
+"""Output names taken as classification-like when a model has several outputs."""
+
+
+def is_classification_output(name: str, shape: Sequence[int], n_outputs: int) -> bool:
+    """Whether agreement (argmax over axis 1) means something for this output.
+
+    An output of shape ``(N, C, ...)`` with ``C >= 2`` (axis 1 is the class axis, as in
+    ``torch.nn.functional.cross_entropy``) that is the model's only output, or whose name
+    says classes (:data:`CLASSIFICATION_NAME`: ``logits``, ``class``, ``cls``, ``scores``...).
+    A box or regression head only gets its max |difference|.
+    """
+    if len(shape) < 2 or shape[1] < 2:
+        return False
+    return n_outputs == 1 or bool(CLASSIFICATION_NAME.search(name))
+
+
 @dataclass(frozen=True)
-class VerifyReport:
-    """Agreement between onnxruntime and PyTorch on the same inputs.
+class OutputAgreement:
+    """One output of one runtime compared with PyTorch.
 
     Attributes:
-        max_abs_diff: ``max |y_onnx - y_torch|`` over all outputs.
-        top1_agreement: fraction of samples whose argmax agrees.
-        n: number of samples compared.
+        max_abs_diff: ``max |y_runtime - y_torch|`` over all elements.
+        agreement: fraction of positions whose argmax over axis 1 agrees (top-1 agreement
+            for logits), ``None`` for an output that is not classification-like.
+        n: samples compared.
     """
 
     max_abs_diff: float
-    top1_agreement: float
+    agreement: float | None
     n: int
 
-    def to_dict(self) -> dict[str, float | int]:
-        """Plain-dict view (for logging)."""
-        return asdict(self)
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.max_diff, self.agree, self.positions, self.n = 0.0, 0, 0, 0
+        self.classification: bool | None = None
+
+    def add(self, got: np.ndarray, ref: np.ndarray, classification: bool) -> None:
+        if got.shape != ref.shape:
+            raise ValueError(f"runtime output shape {got.shape} != PyTorch shape {ref.shape}")
+        self.classification = classification
+        self.max_diff = max(self.max_diff, float(np.abs(got.astype(np.float64) - ref).max(initial=0.0)))
+        if classification:
+            hit = got.argmax(1) == ref.argmax(1)
+            self.agree += int(hit.sum())
+            self.positions += hit.size
+        self.n += ref.shape[0]
+
+    def result(self) -> OutputAgreement:
+        agreement = self.agree / max(self.positions, 1) if self.classification else None
+        return OutputAgreement(self.max_diff, agreement, self.n)
 
 
 def _as_batches(inputs: torch.Tensor | Iterable) -> list[torch.Tensor]:
@@ -79,36 +134,158 @@ def _as_batches(inputs: torch.Tensor | Iterable) -> list[torch.Tensor]:
     return batches
 
 
+Runner = Callable[[np.ndarray], Sequence[np.ndarray]]
+"""Runs a float32 input batch, returns the outputs in the exported order."""
+
+
+def compare_with_pytorch(
+    model: nn.Module,
+    inputs: torch.Tensor | Iterable,
+    runners: Mapping[str, Runner],
+    classification_outputs: Sequence[str] | None = None,
+) -> dict[str, dict[str, OutputAgreement]]:
+    """Compare runtimes with ``model`` (PyTorch, eval mode) on the same inputs, per output.
+
+    Args:
+        model: The PyTorch model that was exported (tensor, dict or tuple output).
+        inputs: A batch tensor, or an iterable of tensors / ``(x, y)`` batches.
+        runners: ``{runtime name: runner}``; each returns the outputs in the order of
+            :func:`~qtemperate.export.onnx.flatten_outputs`.
+        classification_outputs: Output names to compute agreement for; ``None`` picks
+            them with :func:`is_classification_output`.
+
+    Returns:
+        ``{runtime name: {output name: OutputAgreement}}``.
+    """
+    from qtemperate.export.onnx import flatten_outputs
+
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    acc: dict[str, dict[str, _Accumulator]] = {r: {} for r in runners}
+    try:
+        with torch.no_grad():
+            for x in _as_batches(inputs):
+                names, refs_t = flatten_outputs(model(x.to(device)))
+                refs = [r.detach().float().cpu().numpy() for r in refs_t]
+                x_np = x.detach().cpu().float().numpy()
+                for rname, run in runners.items():
+                    got = run(x_np)
+                    if len(got) != len(refs):
+                        raise ValueError(
+                            f"{rname}: {len(got)} outputs, the PyTorch model returns {len(refs)}"
+                        )
+                    for name, g, ref in zip(names, got, refs):
+                        cls = (
+                            name in classification_outputs
+                            if classification_outputs is not None
+                            else is_classification_output(name, ref.shape, len(refs))
+                        )
+                        acc[rname].setdefault(name, _Accumulator()).add(np.asarray(g), ref, cls)
+    finally:
+        model.train(was_training)
+    return {r: {o: a.result() for o, a in outs.items()} for r, outs in acc.items()}
+
+
+@dataclass(frozen=True)
+class OutputReport:
+    """One output of an ONNX file compared with PyTorch in both onnxruntime sessions.
+
+    Attributes:
+        graph: The unoptimized session (``ORT_DISABLE_ALL``): the graph's own semantics,
+            i.e. whether the exported graph is exact.
+        deployed: The default optimized session (``ORT_ENABLE_ALL``): the fused integer
+            kernels a user runs, on this CPU.
+    """
+
+    graph: OutputAgreement
+    deployed: OutputAgreement
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Agreement between onnxruntime and PyTorch on the same inputs.
+
+    The top-level figures are those of the deployed (optimized) session, worst over the
+    outputs: ``max_abs_diff`` the largest difference, ``top1_agreement`` the lowest
+    agreement of the classification-like outputs (``None`` when there is none).
+
+    Attributes:
+        max_abs_diff: deployed ``max |y_onnx - y_torch|`` over all outputs.
+        top1_agreement: deployed fraction of samples whose argmax agrees.
+        n: number of samples compared.
+        graph_max_abs_diff: the same in the unoptimized session.
+        graph_agreement: the same in the unoptimized session.
+        outputs: per output name, both sessions.
+    """
+
+    max_abs_diff: float
+    top1_agreement: float | None
+    n: int
+    graph_max_abs_diff: float = 0.0
+    graph_agreement: float | None = None
+    outputs: dict[str, OutputReport] = field(default_factory=dict)
+
+    @property
+    def deployed_agreement(self) -> float | None:
+        """Alias of ``top1_agreement`` (the optimized session's)."""
+        return self.top1_agreement
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict view (for logging)."""
+        return asdict(self)
+
+
+def _worst(results: Mapping[str, OutputAgreement]) -> tuple[float, float | None]:
+    diff = max((r.max_abs_diff for r in results.values()), default=0.0)
+    agreements = [r.agreement for r in results.values() if r.agreement is not None]
+    return diff, (min(agreements) if agreements else None)
+
+
+def ort_runner(path: str | Path, optimized: bool = True, threads: int | None = None) -> Runner:
+    """A :data:`Runner` on an onnxruntime CPU session (optimized or ``ORT_DISABLE_ALL``)."""
+    sess = _session(path, threads=threads, optimized=optimized)
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})
+
+
 def verify_onnx(
-    path: str | Path, model: nn.Module, inputs: torch.Tensor | Iterable
+    path: str | Path,
+    model: nn.Module,
+    inputs: torch.Tensor | Iterable,
+    classification_outputs: Sequence[str] | None = None,
 ) -> VerifyReport:
-    """Run the ONNX file in onnxruntime and ``model`` in PyTorch eval mode on ``inputs``.
+    """Run the ONNX file in onnxruntime (unoptimized and optimized) and ``model`` in PyTorch.
+
+    The unoptimized session (``ORT_DISABLE_ALL``) computes the graph as written (Q/DQ
+    around float ops): it shows whether the export is exact. The optimized session
+    (``ORT_ENABLE_ALL``, onnxruntime's default) fuses the integer kernels a user runs;
+    on x86 CPUs without VNNI those can saturate (:mod:`qtemperate.export.targets`).
 
     Args:
         path: ONNX file from :func:`export_onnx`.
         model: the PyTorch model that was exported.
         inputs: a batch tensor, or an iterable of tensors / ``(x, y)`` batches.
+        classification_outputs: outputs to compute agreement for (default: see
+            :func:`is_classification_output`).
 
     Returns:
-        A :class:`VerifyReport` (max abs logit difference, top-1 agreement, sample count).
+        A :class:`VerifyReport` (both sessions, per output).
     """
-    sess = _session(path)
-    name = sess.get_inputs()[0].name
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    max_diff, agree, n = 0.0, 0, 0
-    try:
-        with torch.no_grad():
-            for x in _as_batches(inputs):
-                ref = model(x.to(device)).float().cpu().numpy()
-                got = sess.run(None, {name: x.detach().cpu().float().numpy()})[0]
-                max_diff = max(max_diff, float(np.abs(got - ref).max()))
-                agree += int((got.argmax(1) == ref.argmax(1)).sum())
-                n += x.shape[0]
-    finally:
-        model.train(was_training)
-    return VerifyReport(max_abs_diff=max_diff, top1_agreement=agree / max(n, 1), n=n)
+    res = compare_with_pytorch(
+        model, inputs,
+        {"graph": ort_runner(path, optimized=False), "deployed": ort_runner(path, optimized=True)},
+        classification_outputs,
+    )
+    graph, deployed = res["graph"], res["deployed"]
+    d_diff, d_agree = _worst(deployed)
+    g_diff, g_agree = _worst(graph)
+    n = next(iter(deployed.values())).n if deployed else 0
+    outputs = {o: OutputReport(graph=graph[o], deployed=deployed[o]) for o in deployed}
+    return VerifyReport(
+        max_abs_diff=d_diff, top1_agreement=d_agree, n=n,
+        graph_max_abs_diff=g_diff, graph_agreement=g_agree, outputs=outputs,
+    )
 
 
 def _input_shape(sess: Any, batch: int) -> tuple[int, ...]:

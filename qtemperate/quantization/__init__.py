@@ -10,7 +10,9 @@ float module                   quantized replacement
                                weights, bias rounded to the int32 grid ``s_x * s_w``)
 ``nn.Linear``                  :class:`QuantLinear` (same)
 ``nn.ReLU``                    ``brevitas.nn.QuantReLU`` (unsigned per-tensor activations)
-``ResidualAdd`` (see below)    :class:`QuantResidualAdd`: one shared signed quantizer for both inputs
+``ResidualAdd`` (see below)    :class:`QuantResidualAdd`: one shared signed quantizer for the
+                               inputs that are not already quantized (an identity shortcut
+                               from a ReLU is added as it is)
 ``nn.AdaptiveAvgPool2d`` /     :class:`QuantAvgPoolRequant`: the pool followed by a requantizing
 ``nn.AvgPool2d``               ``QuantIdentity`` so the classifier receives integer input
 activations, ``cat``, ``a*b``,  :mod:`.ops` (:class:`QuantActivation`, :class:`QuantConcat`,

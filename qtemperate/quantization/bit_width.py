@@ -29,6 +29,12 @@ from qtemperate.quantization.proxies import (
     proxy_bits,
     set_proxy_bits,
 )
+from qtemperate.quantization.targets import (
+    attach_target,
+    capped_weight_bits,
+    model_target,
+    resolve_target,
+)
 from qtemperate.quantization.torch_ao import ao_bit_widths, ao_kind, set_ao_bit_width
 
 __all__ = ["get_bit_widths", "get_quant_config", "set_bit_width"]
@@ -78,15 +84,19 @@ def get_bit_widths(qmodel: nn.Module) -> dict[str, dict[str, int | None]]:
 
 
 def _planned_changes(
-    qmodel: nn.Module, weight_bits: int, act_bits: int
+    qmodel: nn.Module, weight_bits: int, act_bits: int, target: str | None = None
 ) -> list[tuple[nn.Module, int, str]]:
-    """``(proxy, bits, "layer.attr")`` for every quantizer the policy switches."""
+    """``(proxy, bits, "layer.attr")`` for every quantizer the policy switches; weight
+    widths capped by the deployment ``target`` (first/last layers too)."""
     roles = layer_roles(qmodel)
     changes: list[tuple[nn.Module, int, str]] = []
     for name, m in qmodel.named_modules():
         weight = enabled_proxy(m, "weight_quant")
         if weight is not None and roles.role(name) == "inner":
-            changes.append((weight, weight_bits, f"{name}.weight_quant"))
+            changes.append((weight, capped_weight_bits(weight_bits, target), f"{name}.weight_quant"))
+        elif weight is not None and (bits := proxy_bits(weight)) is not None and (
+                capped_weight_bits(bits, target) < bits):
+            changes.append((weight, capped_weight_bits(bits, target), f"{name}.weight_quant"))  # retargeted
         inp = enabled_proxy(m, "input_quant")
         model_input = (
             weight is not None and roles.reads_model_input(name)
@@ -102,7 +112,9 @@ def _planned_changes(
     return changes
 
 
-def set_bit_width(qmodel: nn.Module, weight_bits: int, act_bits: int) -> nn.Module:
+def set_bit_width(
+    qmodel: nn.Module, weight_bits: int, act_bits: int, target: str | None = None
+) -> nn.Module:
     """Switch a quantized model's bit widths in place, keeping weights and learned thresholds.
 
     Inner conv/linear weights go to ``weight_bits`` and every activation quantizer
@@ -115,11 +127,16 @@ def set_bit_width(qmodel: nn.Module, weight_bits: int, act_bits: int) -> nn.Modu
     width with their learned scales (their bit width is part of the code, not the state:
     a fresh model loading the ``state_dict`` has its own widths). torch.ao QAT-prepared
     models get new fake-quant ranges (:func:`~qtemperate.quantization.torch_ao.set_ao_bit_width`).
+    Weight widths never exceed the model's deployment target's cap (7 bits on
+    ``x86-avx2`` / ``generic``, first and last layers included;
+    :mod:`qtemperate.quantization.targets`).
 
     Args:
         qmodel: A quantized model (qtemperate, stock Brevitas or torch.ao QAT).
         weight_bits: new inner weight bits, 2..8.
         act_bits: new activation bits, 2..8.
+        target: retarget the model (``"auto"`` or a target name); ``None`` keeps the
+            target it carries.
 
     Returns:
         ``qmodel`` (modified in place).
@@ -136,7 +153,9 @@ def set_bit_width(qmodel: nn.Module, weight_bits: int, act_bits: int) -> nn.Modu
         return set_ao_bit_width(qmodel, weight_bits, act_bits)
     if not is_quantized(qmodel):
         raise ValueError("qmodel is not quantized; call quantize() first")
-    changes = _planned_changes(qmodel, weight_bits, act_bits)
+    if target is not None:
+        attach_target(qmodel, resolve_target(target))
+    changes = _planned_changes(qmodel, weight_bits, act_bits, model_target(qmodel))
     errors = []
     for proxy, _, where in changes:
         try:
@@ -154,8 +173,9 @@ def get_quant_config(qmodel: nn.Module) -> QuantConfig:
     """Derive the :class:`QuantConfig` of a quantized model from its live quantizers.
 
     ``weight_bits`` / ``first_last_bits`` come from the inner / first-last layers (the
-    minimum when they differ), ``act_bits`` from the activation quantizers, and
-    ``per_channel`` from the shape of the first layer's weight scale.
+    minimum when they differ), ``act_bits`` from the activation quantizers,
+    ``per_channel`` from the shape of the first layer's weight scale and ``target`` from
+    the model's deployment-target tag.
 
     Raises:
         ValueError: when ``qmodel`` is not quantized.
@@ -191,4 +211,5 @@ def get_quant_config(qmodel: nn.Module) -> QuantConfig:
         first_last_bits=edge_bits,
         per_channel=True if per_channel is None else per_channel,
         input_bits=min(inputs) if inputs else INPUT_ACT_BITS,
+        target=model_target(qmodel),
     )

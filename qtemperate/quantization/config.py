@@ -26,6 +26,8 @@ class QuantConfig:
         first_last_bits: weight bit width of the first and last conv/linear layers (2..8).
         per_channel: per-output-channel weight scales if True, else one per tensor.
         input_bits: bit width of the model-input quantizer (always 8).
+        target: deployment target the model was trained for
+            (:mod:`qtemperate.quantization.targets`), ``None`` when none was given.
     """
 
     weight_bits: int = 8
@@ -33,6 +35,7 @@ class QuantConfig:
     first_last_bits: int = 8
     per_channel: bool = True
     input_bits: int = INPUT_ACT_BITS
+    target: str | None = None
 
     def __post_init__(self) -> None:
         _check_bits("weight_bits", self.weight_bits)

@@ -19,6 +19,7 @@ from qtemperate.quantization.graph import (
     _input_quantizer_sources,
     _link_bias_scale_sources,
     _pool_input_is_relu,
+    _residual_inputs_to_quantize,
     _set_submodule,
     _trace,
     fold_batch_norms,
@@ -39,6 +40,7 @@ from qtemperate.quantization.quantizers import (
     Uint8ActPerTensorFloatStatefulBitWidth,
 )
 from qtemperate.quantization.report import QuantizationReport, quantization_report, refuse_quantized
+from qtemperate.quantization.targets import attach_target, capped_weight_bits, resolve_target
 
 __all__ = ["calibrate", "quantize"]
 
@@ -139,6 +141,7 @@ def quantize(
     *,
     strict: bool = False,
     return_report: bool = False,
+    target: str | None = None,
 ) -> nn.Module | tuple[nn.Module, QuantizationReport]:
     """Return a Brevitas QAT copy of ``model`` (the input model is not modified).
 
@@ -176,6 +179,12 @@ def quantize(
             operation) when any operation stays float.
         return_report: also return the
             :class:`~qtemperate.quantization.QuantizationReport` of the quantized model.
+        target: deployment target (:mod:`qtemperate.quantization.targets`): ``"auto"`` (the
+            CPU running this), ``"x86-avx2"``, ``"x86-vnni"``, ``"arm64"``, ``"generic"``, or
+            ``None`` (no target: bits exactly as given). On ``x86-avx2`` / ``generic`` every
+            weight width, first and last layers included, is capped at 7 bits so the
+            exported int8 graph cannot saturate those CPUs' int16 pair sums. The model
+            records its target (``get_quant_config(q).target``).
 
     Returns:
         The quantized model, in the same train/eval mode as ``model``; with
@@ -184,10 +193,13 @@ def quantize(
     Raises:
         ValueError: for bit widths outside 2..8 (32 = float: do not call quantize), for an
             already quantized model (Brevitas: use :func:`set_bit_width`; torch.ao: use it
-            as it is), or for ``calibration_batches < 1``.
+            as it is), for ``calibration_batches < 1`` or an unknown target.
         FloatLeftoverError: with ``strict=True``, when an operation stays float.
     """
     QuantConfig(weight_bits, act_bits, first_last_bits, per_channel)  # validates the bits
+    target = resolve_target(target)
+    weight_bits = capped_weight_bits(weight_bits, target)
+    first_last_bits = capped_weight_bits(first_last_bits, target)
     if calibration_batches < 1:
         raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
     refuse_quantized(model)
@@ -231,7 +243,7 @@ def quantize(
                 return_quant_tensor=False,
             )
         elif _is_residual_add(mod):
-            new = QuantResidualAdd(act_bits)
+            new = QuantResidualAdd(act_bits, _residual_inputs_to_quantize(gm, modules, name))
         elif isinstance(mod, nn.AdaptiveAvgPool2d | nn.AvgPool2d):
             new = QuantAvgPoolRequant(
                 mod, act_bits,
@@ -248,6 +260,7 @@ def quantize(
     # before calibration runs batches on it (a CUDA student otherwise mixes devices).
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     qmodel.to(device)
+    attach_target(qmodel, target)
     if calibration_loader is not None:
         calibrate(qmodel, calibration_loader, calibration_batches)
     qmodel.train(was_training)

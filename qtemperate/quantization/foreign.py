@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx, nn
 
 from qtemperate.quantization.config import ROLE_ATTR
@@ -74,34 +73,17 @@ def _role(is_first: bool, is_last: bool) -> str:
 
 
 def _graph_roles(model: nn.Module, gm: fx.GraphModule) -> tuple[set[str], set[str], set[str]]:
+    from qtemperate.fx_graph import input_layers, output_layers
+
     modules = dict(model.named_modules())
-    first: set[str] = set()
-    inputs: set[str] = set()
-    frontier = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    seen: set[fx.Node] = set()
-    while frontier:
-        node = frontier.pop()
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            mod = modules.get(user.target) if user.op == "call_module" else None
-            if mod is not None and _is_weight_layer(mod):
-                first.add(str(user.target))
-            elif mod is not None and _is_quantizer_module(mod):
-                inputs.add(str(user.target))
-                frontier.append(user)
-            elif isinstance(mod, _PASSTHROUGH) or (
-                user.op in ("call_method", "call_function") and user.target not in (torch.add,)
-            ):
-                frontier.append(user)
+    first, through = input_layers(
+        gm, _is_weight_layer, lambda _n, m: _is_quantizer_module(m) or isinstance(m, _PASSTHROUGH))
+    inputs = {str(n.target) for n in through if _is_quantizer_module(modules[str(n.target)])}
     ordered = [
         str(n.target)
         for n in gm.graph.nodes
         if n.op == "call_module" and _is_weight_layer(modules.get(n.target, nn.Module()))
     ]
-    from qtemperate.quantization.graph import output_layers
-
     last = output_layers(gm, _is_weight_layer) or ({ordered[-1]} if ordered else set())
     return first, last, inputs
 

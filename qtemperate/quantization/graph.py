@@ -12,7 +12,7 @@ from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from qtemperate.graph_outputs import output_layers
+from qtemperate.fx_graph import input_layers, output_layers
 from qtemperate.quantization.coverage import _quantizer_output
 from qtemperate.quantization.layers import (
     _ACT_MODULES,
@@ -137,24 +137,8 @@ def _first_last_layers(model: nn.Module, gm: fx.GraphModule | None) -> tuple[set
     wb_types = (nn.Conv1d, nn.Conv2d, nn.Linear)
     modules = dict(model.named_modules())
     if gm is not None:
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         passthrough = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.Flatten)
-        first: set[str] = set()
-        frontier = list(placeholders)
-        seen: set[fx.Node] = set()
-        while frontier:
-            node = frontier.pop()
-            for user in node.users:
-                if user in seen:
-                    continue
-                seen.add(user)
-                mod = modules.get(user.target) if user.op == "call_module" else None
-                if isinstance(mod, wb_types):
-                    first.add(user.target)
-                elif isinstance(mod, passthrough) or (
-                    user.op in ("call_method", "call_function") and user.target not in (torch.add,)
-                ):
-                    frontier.append(user)
+        first, _ = input_layers(gm, lambda m: isinstance(m, wb_types), lambda _n, m: isinstance(m, passthrough))
         ordered = [
             n.target
             for n in gm.graph.nodes
@@ -193,6 +177,30 @@ _PASSTHROUGH_FUNCTIONS = (
 _PASSTHROUGH_METHODS = ("flatten", "view", "reshape", "contiguous")
 
 
+def _quantizer_producer(src: object, modules: dict[str, nn.Module]) -> str | None:
+    """The module (``nn.ReLU``, activation, avg pool, mean...: :mod:`.coverage`) whose quantized
+    output ``src`` is, through passthrough ops.
+
+    Walks back through ops that keep values on the quantizer's grid and that the export
+    moves the ``DequantizeLinear`` below (Identity, Dropout, MaxPool, Flatten,
+    view/reshape); ``None`` when ``src`` is not a quantizer output.
+    """
+    while isinstance(src, fx.Node):
+        if src.op == "call_module":
+            mod = modules.get(src.target)
+            if _quantizer_output(mod):  # ReLU, activations, avg pools, means: see coverage.py
+                return str(src.target)
+            if not isinstance(mod, _PASSTHROUGH_MODULES):
+                return None
+        elif not (
+            (src.op == "call_function" and src.target in _PASSTHROUGH_FUNCTIONS)
+            or (src.op == "call_method" and src.target in _PASSTHROUGH_METHODS)
+        ):
+            return None
+        src = src.args[0] if src.args else None
+    return None
+
+
 def _input_quantizer_sources(gm: fx.GraphModule | None, modules: dict[str, nn.Module]) -> dict:
     """``{layer: producer}`` for float conv/linear layers whose input is a quantizer output.
 
@@ -210,22 +218,29 @@ def _input_quantizer_sources(gm: fx.GraphModule | None, modules: dict[str, nn.Mo
             modules.get(node.target), nn.Conv1d | nn.Conv2d | nn.Linear
         ):
             continue
-        src = node.args[0] if node.args else None
-        while isinstance(src, fx.Node):
-            if src.op == "call_module":
-                mod = modules.get(src.target)
-                if _quantizer_output(mod):  # ReLU, activations, avg pools, means: see coverage.py
-                    out[node.target] = src.target
-                    break
-                if not isinstance(mod, _PASSTHROUGH_MODULES):
-                    break
-            elif not (
-                (src.op == "call_function" and src.target in _PASSTHROUGH_FUNCTIONS)
-                or (src.op == "call_method" and src.target in _PASSTHROUGH_METHODS)
-            ):
-                break
-            src = src.args[0] if src.args else None
+        producer = _quantizer_producer(node.args[0] if node.args else None, modules)
+        if producer is not None:
+            out[node.target] = producer
     return out
+
+
+def _residual_inputs_to_quantize(
+    gm: fx.GraphModule | None, modules: dict[str, nn.Module], name: str
+) -> tuple[bool, bool]:
+    """Which of a residual add's two inputs need its quantizer (``False``: already quantized).
+
+    An input that is a quantizer output (:func:`_quantizer_producer`, e.g. the identity
+    shortcut, the previous block's ReLU) is added as it is: requantizing it to the add's
+    scale would cost precision and leave a ``DequantizeLinear -> QuantizeLinear`` pair in
+    the graph that onnxruntime cannot fuse (its ``QLinearAdd`` takes two input scales).
+    Both inputs are quantized when the graph is unknown.
+    """
+    if gm is None:
+        return (True, True)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == name and len(node.args) == 2 and not node.kwargs:
+            return tuple(_quantizer_producer(a, modules) is None for a in node.args)  # type: ignore[return-value]
+    return (True, True)
 
 
 def _producer_proxy(module: nn.Module) -> nn.Module | None:

@@ -8,7 +8,6 @@ and so is any instance of :class:`ResidualAddMarker`.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import brevitas.nn as qnn
@@ -16,8 +15,9 @@ import torch
 from brevitas.nn.mixin.base import QuantLayerMixin
 from brevitas.nn.quant_layer import QuantNonLinearActLayer, QuantWeightBiasInputOutputLayer
 from brevitas.quant_tensor import QuantTensor
-from torch import fx, nn
+from torch import nn
 
+from qtemperate.fx_graph import forward_is_add
 from qtemperate.quantization.config import _check_bits
 from qtemperate.quantization.quantizers import (
     Int8ActPerTensorFloatStatefulBitWidth,
@@ -44,31 +44,7 @@ class ResidualAddMarker:
     """
 
 
-_ADD_TARGETS = (operator.add, torch.add)
 _RESIDUAL_ADD_CACHE: dict[type, bool] = {}
-
-
-def _forward_is_add(module: nn.Module) -> bool:
-    """Whether ``module``'s FX graph is ``output(add(input_0, input_1))``."""
-    try:
-        graph = fx.symbolic_trace(module).graph
-    except Exception:  # not traceable: not a plain add
-        return False
-    nodes = list(graph.nodes)
-    inputs = [n for n in nodes if n.op == "placeholder"]
-    calls = [n for n in nodes if n.op not in ("placeholder", "output")]
-    output = [n for n in nodes if n.op == "output"]
-    if len(inputs) != 2 or len(calls) != 1 or len(output) != 1:
-        return False
-    add = calls[0]
-    return (
-        add.op == "call_function"
-        and add.target in _ADD_TARGETS
-        and not add.kwargs
-        and set(add.args) == set(inputs)
-        and len(add.args) == 2
-        and output[0].args[0] is add
-    )
 
 
 def _is_residual_add(module: nn.Module) -> bool:
@@ -84,24 +60,29 @@ def _is_residual_add(module: nn.Module) -> bool:
         return False
     cls = type(module)
     if cls not in _RESIDUAL_ADD_CACHE:
-        _RESIDUAL_ADD_CACHE[cls] = _forward_is_add(module)
+        _RESIDUAL_ADD_CACHE[cls] = forward_is_add(module)
     return _RESIDUAL_ADD_CACHE[cls]
 
 
 class QuantResidualAdd(nn.Module):
     """Residual addition ``q(a) + q(b)`` with ONE shared signed activation quantizer ``q``.
 
-    Sharing the quantizer gives both operands the same scale, so the sum is exact in the
-    integer domain (``s * (int_a + int_b)``) and exports as an integer ``Add``
-    (onnxruntime fuses it to ``QLinearAdd``).
+    An input that is already a quantizer output (the identity shortcut: the previous
+    block's ReLU) is added as it is (``quantize_inputs`` False for it): it is on its own
+    integer grid, and requantizing it to ``q``'s scale would lose precision and leave a
+    ``DequantizeLinear -> QuantizeLinear`` pair that onnxruntime cannot fuse. Inputs that
+    are quantized share ``q``'s scale. The sum exports as ``DQ(a) + DQ(b)``, which
+    onnxruntime fuses to ``QLinearAdd`` (one scale per input).
 
     Args:
         act_bits: bit width of the shared quantizer.
+        quantize_inputs: for ``(a, b)``, whether ``q`` quantizes it.
     """
 
-    def __init__(self, act_bits: int = 8) -> None:
+    def __init__(self, act_bits: int = 8, quantize_inputs: tuple[bool, bool] = (True, True)) -> None:
         super().__init__()
         _check_bits("act_bits", act_bits)
+        self.quantize_inputs = (bool(quantize_inputs[0]), bool(quantize_inputs[1]))
         self.input_quant = qnn.QuantIdentity(
             act_quant=Int8ActPerTensorFloatStatefulBitWidth,
             bit_width=act_bits,
@@ -109,7 +90,11 @@ class QuantResidualAdd(nn.Module):
         )
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.input_quant(a) + self.input_quant(b)
+        qa, qb = self.quantize_inputs
+        return (self.input_quant(a) if qa else a) + (self.input_quant(b) if qb else b)
+
+    def extra_repr(self) -> str:
+        return f"quantize_inputs={self.quantize_inputs}"
 
 
 class QuantAvgPoolRequant(nn.Module):

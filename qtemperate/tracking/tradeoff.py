@@ -194,6 +194,8 @@ _KNOWN_ONNX = {
     "student": ("student at its final bits", "onnx"),
     "student_int8": ("int8 twin of the student (W8A8: what an int8 CPU backend runs)", "int8_onnx"),
     "teacher": ("float teacher", "teacher_onnx"),
+    "student_float": ("float student (pruned, before QAT): the int8 speed-up's baseline", "float_student_onnx"),
+    "student.qonnx": ("QONNX file of the student (FINN / FPGA flows), checked with QONNX's executor", "qonnx"),
 }
 
 
@@ -219,7 +221,8 @@ def onnx_artifacts(run_dir: str | Path, summary: Mapping[str, Any]) -> list[tupl
     ``bytes`` (its size on disk, read now), ``weight_bits``/``act_bits`` and, from the
     summary, its ``latency_ms`` per batch size, ``top1_agreement`` and
     ``max_abs_diff`` against PyTorch (``student.onnx``: ``onnx_*`` keys;
-    ``student_int8.onnx``: ``int8_onnx_*``; ``teacher.onnx``: ``teacher_onnx_*``).
+    ``student_int8.onnx``: ``int8_onnx_*``; ``teacher.onnx``: ``teacher_onnx_*``;
+    ``student_float.onnx``: ``float_student_onnx_*``; ``student.qonnx.onnx``: ``qonnx_*``).
     Any other file ``<stem>.onnx`` (QONNX, ...) gets the summary keys
     ``<stem>_*``; a measurement the summary does not hold is left out.
 
@@ -238,7 +241,9 @@ def onnx_artifacts(run_dir: str | Path, summary: Mapping[str, Any]) -> list[tupl
             meta.update(weight_bits=32, act_bits=32, accuracy=flat.get("teacher_acc"))
         elif stem == "student_int8":
             meta.update(weight_bits=8, act_bits=8)
-        elif stem == "student":
+        elif stem == "student_float":
+            meta.update(weight_bits=32, act_bits=32)
+        elif stem in ("student", "student.qonnx"):
             meta.update(weight_bits=flat.get("student_weight_bits"), act_bits=flat.get("student_act_bits"),
                         accuracy=flat.get("student_acc"))
         measured = _measurements(flat, prefix)

@@ -34,6 +34,7 @@ def enter_stage(
     calibration: Iterable[Any] | None = None,
     report_dir: str | Path | None = None,
     say: Callable[[str], None] | None = None,
+    target: str | None = None,
 ) -> nn.Module:
     """The student to train in ``stage``.
 
@@ -49,6 +50,8 @@ def enter_stage(
         report_dir: Folder for ``quantization_report.json`` when the student is quantized
             here (None: no file).
         say: Prints the quantization report when the student is quantized here.
+        target: The deployment target the student is trained for (its QAT ranges;
+            :mod:`qtemperate.quantization.targets`); later stages keep the model's own.
 
     Returns:
         ``student`` itself (float stage, or bits switched in place) or a new quantized model.
@@ -67,6 +70,7 @@ def enter_stage(
         calibration_loader=use,
         calibration_batches=max(config.calibration_batches, 1),
         return_report=True,
+        target=target,
     )
     if report_dir is not None:
         report.write(Path(report_dir) / REPORT_FILE)

@@ -1,4 +1,4 @@
-"""Export-and-check: the keys ``summary.json`` carries, the int8 twin, the teacher file."""
+"""Export-and-check: the keys ``summary.json`` carries, the int8 twin, QONNX, OpenVINO, the teacher file."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ from qtemperate.quantization import get_bit_widths, set_bit_width
 
 torch.set_num_threads(1)
 
-KEYS = {"onnx_path", "onnx_bytes", "onnx_top1_agreement", "onnx_max_abs_diff", "onnx_latency_ms", "int8_onnx_latency_ms"}
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+KEYS = {"onnx_path", "onnx_bytes", "onnx_top1_agreement", "onnx_max_abs_diff", "onnx_latency_ms", "int8_onnx_latency_ms",
+        "onnx_deployed_agreement", "onnx_deployed_max_abs_diff", "onnx_graph_agreement", "onnx_graph_max_abs_diff",
+        "export_target", "detected_target", "cpu", "target_warning", "onnx_files"}
 
 
 def test_w4a4_student_gets_an_int8_twin_and_a_teacher_file(tmp_path: Path, digits, trained) -> None:
@@ -23,8 +31,26 @@ def test_w4a4_student_gets_an_int8_twin_and_a_teacher_file(tmp_path: Path, digit
     q4 = set_bit_width(copy.deepcopy(q), 4, 4)
     before = get_bit_widths(q4)
     _, _, xte, _ = digits
-    out = export_and_check(q4, tmp_path, xte[:64], teacher=model, batch_sizes=(1, 4), iters=2)
-    assert KEYS | {"teacher_onnx_latency_ms"} <= set(out)
+    out = export_and_check(q4, tmp_path, xte[:64], teacher=model, batch_sizes=(1, 4), iters=2,
+                           float_student=model)
+    assert KEYS | {"teacher_onnx_latency_ms", "float_student_onnx_latency_ms", "int8_speedup"} <= set(out)
+    # the deployed session is what onnxruntime users run; the twin is verified too
+    assert out["onnx_deployed_agreement"] == out["onnx_top1_agreement"] >= 0.99
+    assert out["int8_onnx_deployed_agreement"] >= 0.99 and out["int8_onnx_graph_agreement"] >= 0.99
+    assert out["int8_onnx_top1_agreement"] == out["int8_onnx_deployed_agreement"]  # main's key name
+    assert out["int8_onnx_max_abs_diff"] == out["int8_onnx_deployed_max_abs_diff"]
+    assert out["teacher_onnx_top1_agreement"] == 1.0 and out["teacher_onnx_max_abs_diff"] < 1e-3  # float
+    assert out["onnx_deployed_warning"] is None
+    assert out["export_target"] == out["detected_target"] and out["target_warning"] is None
+    # per file: which runtime runs it with integer kernels
+    files = out["onnx_files"]
+    assert files["student.onnx"]["bits"] == "W4A4" and "size artifact" in files["student.onnx"]["note"]
+    assert files["student_int8.onnx"]["runtimes"]["onnxruntime"].startswith("integer kernels")
+    assert files["teacher.onnx"]["runtimes"] == {"onnxruntime": "float"}
+    sat = out["onnx_int16_saturation"]  # the x86-avx2 rule on the int8 file
+    assert sat["ok"] == (out["export_target"] in ("x86-avx2", "generic") or not sat["layers_at_risk"])
+    bd = out["onnx_byte_breakdown"]
+    assert sum(bd["parts"].values()) == bd["file_bytes"] == out["onnx_bytes"]
     assert out["onnx_bytes"] == (tmp_path / "student.onnx").stat().st_size
     assert (tmp_path / "student_int8.onnx").is_file() and (tmp_path / "teacher.onnx").is_file()
     assert set(out["int8_onnx_latency_ms"]) == {"1", "4"}
@@ -38,9 +64,10 @@ def test_w4a4_student_gets_an_int8_twin_and_a_teacher_file(tmp_path: Path, digit
 def test_w8a8_student_reuses_its_own_latency(tmp_path: Path, digits, trained) -> None:
     _, q = trained
     _, _, xte, _ = digits
-    out = export_and_check(q, tmp_path, xte[:32], batch_sizes=(1,), iters=2)
+    out = export_and_check(q, tmp_path, xte[:32], batch_sizes=(1,), iters=2, openvino=False)
     assert out["int8_onnx_latency_ms"] == out["onnx_latency_ms"]
     assert not (tmp_path / "student_int8.onnx").exists() and "teacher_onnx_latency_ms" not in out
+    assert "qonnx_path" not in out and "openvino_agreement" not in out  # 8-bit: no QONNX; OpenVINO off
 
 
 def test_no_benchmark_only_verifies(tmp_path: Path, digits, trained) -> None:
@@ -58,3 +85,75 @@ def test_model_returns_to_its_device_and_mode(tmp_path: Path, digits, trained) -
     _, _, xte, _ = digits
     export_and_check(m, tmp_path, xte[:8], benchmark=False)
     assert next(m.parameters()).device.type == "cpu" and m.training
+
+
+@pytest.mark.skipif(not (_has("openvino") and _has("qonnx")), reason="openvino/qonnx extras not installed")
+def test_openvino_and_qonnx_check_the_deployment_files(tmp_path: Path, digits, trained) -> None:
+    """CPU class: any x86 or ARM CPU OpenVINO supports; the figures are checked, not assumed."""
+    _, q = trained
+    q4 = set_bit_width(copy.deepcopy(q), 4, 4)
+    _, _, xte, _ = digits
+    out = export_and_check(q4, tmp_path, xte[:64], batch_sizes=(1, 4), iters=2)
+    # QONNX: the 4-bit deployment path, QONNX's executor against PyTorch
+    assert (tmp_path / "student.qonnx.onnx").is_file() and out["qonnx_samples"] == 64
+    assert out["qonnx_agreement"] == 1.0 and out["qonnx_max_abs_diff"] < 1e-4
+    assert "finn" in out["onnx_files"]["student.qonnx.onnx"]["runtimes"]
+    # OpenVINO reads the int8 file and runs every conv / fc in int8
+    assert out["openvino_path"].endswith("student_int8.onnx")
+    assert out["openvino_int8_layers"] == {"int8": 5, "float": 0}
+    assert out["openvino_agreement"] >= 0.99
+    assert set(out["openvino_latency_ms"]) == {"1", "4"}
+    assert "openvino" in out["onnx_files"]["student_int8.onnx"]["runtimes"]
+
+
+def test_missing_extras_are_named(tmp_path: Path, digits, trained, monkeypatch) -> None:
+    from qtemperate.export import openvino as ovx
+    from qtemperate.export import qonnx as qx
+
+    monkeypatch.setattr(ovx, "openvino_available", lambda: False)
+    monkeypatch.setattr(qx, "qonnx_available", lambda: False)
+    _, q = trained
+    _, _, xte, _ = digits
+    out = export_and_check(set_bit_width(copy.deepcopy(q), 4, 4), tmp_path, xte[:16], benchmark=False)
+    assert out["openvino_note"] == "OpenVINO not installed: pip install 'qtemperate[openvino]'"
+    assert out["qonnx_note"] == "QONNX not installed: pip install 'qtemperate[qonnx]'"
+    with pytest.raises(ImportError, match=r"qtemperate\[qonnx\]"):
+        qx.export_qonnx(q, tmp_path / "x.qonnx.onnx", xte[:1])
+
+
+def test_a_student_deployed_on_another_cpu_class_is_warned(tmp_path: Path, digits, trained, monkeypatch) -> None:
+    from qtemperate.export.check import target_facts
+    from qtemperate.export.report import deployment_lines, deployment_warnings
+    from qtemperate.quantization import quantize
+
+    model, _ = trained
+    vnni = quantize(model, target="x86-vnni")
+    monkeypatch.setenv("QTEMPERATE_TARGET", "x86-avx2")  # as if exporting on a CPU without VNNI
+    facts = target_facts(vnni)
+    assert facts["export_target"] == "x86-vnni" and facts["detected_target"] == "x86-avx2"
+    assert facts["target_warning"].startswith("WARNING") and "saturate" in facts["target_warning"]
+    lines = deployment_warnings(facts)
+    assert lines and lines[0].startswith("!!! WARNING")
+    low = {**facts, "onnx_deployed_agreement": 0.9, "onnx_graph_agreement": 1.0,
+           "onnx_deployed_warning": "DEPLOYED AGREEMENT 90.00% < 99% (onnxruntime, optimized session): x"}
+    assert deployment_lines(low)[0].startswith("!!! DEPLOYED AGREEMENT 90.00%")
+
+
+def test_int8_pointless_note_names_the_narrow_layers() -> None:
+    from qtemperate.export.check import _speedups
+    from qtemperate.models import build_model
+
+    narrow = build_model("small_cnn", num_classes=10, in_channels=1, width=8)
+    out = {"float_student_onnx_latency_ms": {"1": 1.0, "64": 10.0},
+           "int8_onnx_latency_ms": {"1": 1.0, "64": 9.5}, "openvino_latency_ms": {"1": 0.8, "64": 5.0}}
+    res = _speedups(out, narrow)
+    assert res["int8_speedup"] == {"1": 1.0, "64": pytest.approx(10 / 9.5)}
+    assert res["openvino_int8_speedup"] == {"1": 1.25, "64": 2.0}
+    assert "narrowest conv 8 channels" in res["int8_latency_note"] and "OpenVINO" in res["int8_latency_note"]
+    assert "round_to" not in res["int8_latency_note"]  # widths 8, 16: already multiples of 8
+    odd = build_model("small_cnn", num_classes=10, in_channels=1, width=6)
+    widths = sorted({m.out_channels for m in odd.modules() if isinstance(m, nn.Conv2d)})
+    note = _speedups(out, odd)["int8_latency_note"]
+    assert f"channel counts {[w for w in widths if w % 8]}" in note and "student.round_to: 8" in note
+    out["int8_onnx_latency_ms"] = {"1": 0.5, "64": 4.0}
+    assert _speedups(out, narrow)["int8_latency_note"] is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -31,6 +33,7 @@ def _initializers(path) -> dict[str, onnx.TensorProto]:
 
 
 def test_int8_export_agrees_with_pytorch_on_256_real_images(tmp_path, digits, trained) -> None:
+    """CPU class: any (the detected one); the student is trained for it (``target="auto"``)."""
     _, _, xte, yte = digits
     _, q = trained
     path = export_onnx(q, tmp_path / "q8.onnx", xte[:1])
@@ -41,6 +44,9 @@ def test_int8_export_agrees_with_pytorch_on_256_real_images(tmp_path, digits, tr
     assert report.n == 256
     assert report.top1_agreement >= 0.99
     assert 0.0 <= report.max_abs_diff < 0.5
+    assert report.graph_agreement >= 0.99 and report.graph_max_abs_diff < 0.5
+    assert set(report.outputs) == {"logits"}
+    assert report.outputs["logits"].deployed.agreement == report.top1_agreement
     # the same comparison batched through an iterable of (x, y) pairs
     batched = verify_onnx(path, q, [(xte[i : i + 64], yte[i : i + 64]) for i in range(0, 256, 64)])
     assert batched.n == 256 and batched.top1_agreement == report.top1_agreement
@@ -88,7 +94,7 @@ def test_4bit_export_packs_int4_and_halves_the_weight_bytes(tmp_path, digits) ->
     xtr, _, xte, _ = digits
     torch.manual_seed(0)
     model = build_model("small_cnn", num_classes=10, in_channels=1, width=32).eval()
-    q = quantize(model, calibration_loader=[xtr[:128]], calibration_batches=1).eval()
+    q = quantize(model, calibration_loader=[xtr[:128]], calibration_batches=1, target="auto").eval()
     p8 = export_onnx(q, tmp_path / "q8.onnx", xte[:1])
     set_bit_width(q, 4, 4)
     p4 = export_onnx(q, tmp_path / "q4.onnx", xte[:1])
@@ -179,6 +185,7 @@ def test_pruned_w4a4_student_export_matches_pytorch(tmp_path, digits) -> None:
         pruned.eval(),
         calibration_loader=[xtr[i : i + 64] for i in range(0, 256, 64)],
         calibration_batches=4,
+        target="auto",  # exact on the CPU class running the test
     )
     steps(q, 15, 1e-3, 200)
     p8 = export_onnx(q, tmp_path / "w8a8.onnx", xte[:1])
@@ -193,3 +200,158 @@ def test_pruned_w4a4_student_export_matches_pytorch(tmp_path, digits) -> None:
         assert report.top1_agreement >= 0.99
         assert report.max_abs_diff < 1e-3  # float rounding only, no flipped levels
     assert optimized_op_types(p4)["QLinearConv"] >= 1  # the 4-bit graph still runs int kernels
+
+
+# --------------------------------------------------------------------------- several outputs
+class ToyDetector(nn.Module):
+    """A class head and a box head on one backbone; ``forward`` returns a dict (or a tuple)."""
+
+    def __init__(self, as_tuple: bool = False) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+        self.backbone = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.cls = nn.Linear(16, 10)
+        self.box = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor):
+        f = self.backbone(x)
+        if self.as_tuple:
+            return self.cls(f), self.box(f)
+        return {"class": self.cls(f), "box": self.box(f)}
+
+
+def _boxes(x: torch.Tensor) -> torch.Tensor:
+    """A box-like regression target: centre of mass and spread of the bright pixels."""
+    w = (x[:, 0] > 0).float() + 1e-3
+    rows = torch.arange(x.shape[-2], dtype=torch.float32)[None, :, None]
+    cols = torch.arange(x.shape[-1], dtype=torch.float32)[None, None, :]
+    m = w.sum((1, 2))
+    r, c = (w * rows).sum((1, 2)) / m, (w * cols).sum((1, 2)) / m
+    return torch.stack([r, c, ((w * (rows - r[:, None, None]) ** 2).sum((1, 2)) / m).sqrt(),
+                        ((w * (cols - c[:, None, None]) ** 2).sum((1, 2)) / m).sqrt()], 1) / 8
+
+
+@pytest.fixture(scope="module")
+def detector(digits) -> tuple[nn.Module, nn.Module]:
+    xtr, ytr, _, _ = digits
+    torch.manual_seed(0)
+    model = ToyDetector()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(100):
+        idx = torch.randint(0, len(ytr), (64,), generator=torch.Generator().manual_seed(step))
+        out = model(xtr[idx])
+        loss = F.cross_entropy(out["class"], ytr[idx]) + F.mse_loss(out["box"], _boxes(xtr[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    q = quantize(model, calibration_loader=[xtr[i : i + 64] for i in range(0, 256, 64)],
+                 calibration_batches=4, target="auto")
+    return model, q.eval()
+
+
+def test_dict_outputs_keep_their_names_and_are_verified_per_output(tmp_path, digits, detector) -> None:
+    """CPU class: any (the detected one; the student is trained for it)."""
+    _, _, xte, _ = digits
+    model, q = detector
+    for name, m in (("float", model), ("int8", q)):
+        path = export_onnx(m, tmp_path / f"det_{name}.onnx", xte[:1])
+        g = onnx.load(str(path)).graph
+        assert [o.name for o in g.output] == ["class", "box"]
+        assert all(o.type.tensor_type.shape.dim[0].dim_param == "batch" for o in g.output)
+        rep = verify_onnx(path, m, xte[:128])
+        print(f"detector {name}: {rep}")
+        assert set(rep.outputs) == {"class", "box"}
+        cls, box = rep.outputs["class"], rep.outputs["box"]
+        assert box.deployed.agreement is None and box.graph.agreement is None  # a box is not a class
+        assert cls.deployed.agreement >= 0.99 and cls.graph.agreement >= 0.99
+        assert rep.top1_agreement == cls.deployed.agreement
+        assert rep.max_abs_diff == max(cls.deployed.max_abs_diff, box.deployed.max_abs_diff)
+        assert box.deployed.max_abs_diff < (1e-4 if name == "float" else 0.1)
+    assert optimized_op_types(tmp_path / "det_int8.onnx")["QGemm"] == 2  # both heads on int kernels
+
+
+def test_tuple_outputs_are_numbered_and_classification_can_be_named(tmp_path, digits, detector) -> None:
+    _, _, xte, _ = digits
+    model, _ = detector
+    tup = ToyDetector(as_tuple=True)
+    tup.load_state_dict(model.state_dict())
+    tup.eval()
+    path = export_onnx(tup, tmp_path / "tuple.onnx", xte[:1])
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["output_0", "output_1"]
+    rep = verify_onnx(path, tup, xte[:64])
+    assert rep.top1_agreement is None  # generic names: nothing is taken for classes
+    rep = verify_onnx(path, tup, xte[:64], classification_outputs=["output_0"])
+    assert rep.top1_agreement == 1.0 and rep.outputs["output_1"].deployed.agreement is None
+
+
+def test_unsupported_outputs_are_named(tmp_path, digits) -> None:
+    _, _, xte, _ = digits
+
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 3)
+
+        def forward(self, x):
+            y = self.fc(x.flatten(1))
+            return {"a": (y, y)}
+
+    with pytest.raises(ValueError, match="must all be tensors"):
+        export_onnx(Nested(), tmp_path / "n.onnx", xte[:1])
+
+
+# --------------------------------------------------------------------------- graph and bytes
+@pytest.fixture(scope="module")
+def resnet20_q(digits) -> nn.Module:
+    xtr, _, _, _ = digits
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():  # BatchNorm statistics of a trained model: non-zero folded biases
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return quantize(model, calibration_loader=[xtr[:64]], calibration_batches=1, target="auto").eval()
+
+
+def test_resnet20_optimized_graph_keeps_only_boundary_quantizers(tmp_path, digits, resnet20_q) -> None:
+    """After onnxruntime's optimizer: one QuantizeLinear (the input), no DequantizeLinear left.
+
+    Residual adds quantize only the inputs that are not already quantized: the identity
+    shortcut (a ReLU output) is added as it is, so no DQ -> Q requantization remains
+    between the fused QLinearConv / QLinearAdd kernels.
+    """
+    _, _, xte, _ = digits
+    path = export_onnx(resnet20_q, tmp_path / "r20.onnx", xte[:1])
+    ops = optimized_op_types(path)
+    print(f"ResNet-20 W8A8 after onnxruntime's optimizer: {dict(ops)}")
+    assert ops["QLinearConv"] == 21 and ops["QLinearAdd"] == 9 and ops["QGemm"] == 1
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0
+    assert ops["Conv"] == ops["Gemm"] == ops["Add"] == 0
+    rep = verify_onnx(path, resnet20_q, xte[:64])
+    assert rep.top1_agreement >= 0.99 and rep.graph_agreement >= 0.99
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_resnet20_onnx_bytes_within_1_2x_params_times_bits(tmp_path, digits, resnet20_q, bits) -> None:
+    from qtemperate.export import onnx_byte_breakdown
+    from qtemperate.quantization import get_quant_config
+
+    _, _, xte, _ = digits
+    q = resnet20_q if bits == 8 else set_bit_width(copy.deepcopy(resnet20_q), 4, 4)
+    path = export_onnx(q, tmp_path / f"r20_{bits}.onnx", xte[:1])
+    params = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                 for m in q.modules() if isinstance(m, nn.Conv2d | nn.Linear))
+    bd = onnx_byte_breakdown(path, params, bits)
+    print(f"ResNet-20 W{bits}: {bd}")
+    assert sum(bd["parts"].values()) == bd["file_bytes"] == path.stat().st_size
+    assert bd["limit_bytes"] == params * bits / 8
+    assert bd["ratio_to_limit"] <= 1.2
+    assert get_quant_config(q).weight_bits <= bits
