@@ -29,11 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _train(rank: int, world: int, cfg: dict[str, Any], port: int, queue: Any) -> None:
+def _rank_data(rank: int, world: int, cfg: dict[str, Any], port: int) -> tuple[Any, Any]:
+    """One thread, the gloo group when ``world > 1``, and this rank's data and loaders."""
     from qtemperate.data import build_datasets, build_run_loaders
-    from qtemperate.models import build_model
-    from qtemperate.training import distributed
-    from qtemperate.training.lr_schedule import lr_at, set_lr
 
     torch.set_num_threads(1)
     if world > 1:
@@ -41,6 +39,15 @@ def _train(rank: int, world: int, cfg: dict[str, Any], port: int, queue: Any) ->
         dist.init_process_group("gloo")
     bundle = build_datasets(cfg["data"], seed=0, limit_train=cfg["limit_train"])
     loaders = build_run_loaders(bundle, cfg["batch"], 256, 0, 0, rank, world)
+    return bundle, loaders
+
+
+def _train(rank: int, world: int, cfg: dict[str, Any], port: int, queue: Any) -> None:
+    from qtemperate.models import build_model
+    from qtemperate.training import distributed
+    from qtemperate.training.lr_schedule import lr_at, set_lr
+
+    bundle, loaders = _rank_data(rank, world, cfg, port)
     torch.manual_seed(0)
     model = build_model(cfg["model"], num_classes=bundle.num_classes, in_channels=bundle.in_channels, width=16)
     trained = distributed.wrap(model, torch.device("cpu"))
@@ -64,16 +71,10 @@ def _train(rank: int, world: int, cfg: dict[str, Any], port: int, queue: Any) ->
 
 
 def _first_grad(rank: int, world: int, cfg: dict[str, Any], port: int, queue: Any, dtype: torch.dtype) -> None:
-    from qtemperate.data import build_datasets, build_run_loaders
     from qtemperate.models import build_model
     from qtemperate.training import distributed
 
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-        dist.init_process_group("gloo")
-    bundle = build_datasets(cfg["data"], seed=0, limit_train=cfg["limit_train"])
-    loaders = build_run_loaders(bundle, cfg["batch"], 256, 0, 0, rank, world)
+    bundle, loaders = _rank_data(rank, world, cfg, port)
     loaders.set_epoch(10_000)
     torch.manual_seed(0)
     model = build_model(cfg["model"], num_classes=bundle.num_classes, in_channels=bundle.in_channels, width=16)

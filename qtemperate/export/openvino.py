@@ -14,8 +14,6 @@ performance hint. Everything here needs the ``openvino`` extra
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from qtemperate.export.runtime import OutputAgreement, compare_with_pytorch
+from qtemperate.export.runtime import (
+    OutputAgreement,
+    check_timing_args,
+    compare_with_pytorch,
+    median_ms,
+)
 
 __all__ = [
     "OPENVINO_EXTRA",
@@ -111,11 +114,7 @@ def benchmark_openvino(
         ImportError: naming the ``openvino`` extra when it is not installed.
         ValueError: for non-positive ``iters``/batch sizes/threads or negative ``warmup``.
     """
-    if iters < 1 or warmup < 0 or not batch_sizes or any(int(b) < 1 for b in batch_sizes):
-        raise ValueError(
-            f"need iters >= 1, warmup >= 0 and positive batch sizes; got iters={iters}, "
-            f"warmup={warmup}, batch_sizes={batch_sizes!r}"
-        )
+    check_timing_args(batch_sizes, warmup, iters)
     core = _core()
     rng = np.random.default_rng(0)
     out: dict[int, float] = {}
@@ -123,14 +122,7 @@ def benchmark_openvino(
         compiled = _compile(core, path, int(b), threads)
         req = compiled.create_infer_request()
         x = rng.standard_normal(tuple(compiled.inputs[0].get_shape())).astype(np.float32)
-        for _ in range(warmup):
-            req.infer({0: x})
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            req.infer({0: x})
-            times.append((time.perf_counter() - t0) * 1e3)
-        out[int(b)] = statistics.median(times)
+        out[int(b)] = median_ms(lambda req=req, x=x: req.infer({0: x}), warmup, iters)
     return out
 
 

@@ -331,25 +331,35 @@ def benchmark_onnx(
     Raises:
         ValueError: for non-positive ``iters``/batch sizes or negative ``warmup``.
     """
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
-        raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+    check_timing_args(batch_sizes, warmup, iters)
     sess = _session(path, threads=threads)
     name = sess.get_inputs()[0].name
     rng = np.random.default_rng(0)
     out: dict[int, float] = {}
     for b in batch_sizes:
         x = rng.standard_normal(_input_shape(sess, int(b))).astype(np.float32)
-        for _ in range(warmup):
-            sess.run(None, {name: x})
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            sess.run(None, {name: x})
-            times.append((time.perf_counter() - t0) * 1e3)
-        out[int(b)] = statistics.median(times)
+        out[int(b)] = median_ms(lambda x=x: sess.run(None, {name: x}), warmup, iters)
     return out
+
+
+def check_timing_args(batch_sizes: Sequence[int], warmup: int, iters: int) -> None:
+    """Raise ``ValueError`` for non-positive ``iters``/batch sizes or negative ``warmup``."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+
+
+def median_ms(run: Callable[[], Any], warmup: int, iters: int) -> float:
+    """Median wall time of ``run()`` in milliseconds over ``iters`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 

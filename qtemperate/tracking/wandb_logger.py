@@ -63,23 +63,11 @@ def wandb_api_key_available() -> bool:
         return True
     base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     host = re.sub(r"^[a-z]+://", "", base).split("/")[0].split(":")[0]
-    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else [
-        os.path.expanduser("~/.netrc"),
-        os.path.expanduser("~/_netrc"),
-    ]
-    for path in candidates:
-        if not os.path.isfile(path):
-            continue
-        try:
-            auth = netrc.netrc(path).authenticators(host)
-        except (netrc.NetrcParseError, OSError):
-            continue
-        if auth and auth[2]:
-            return True
-    return False
+    return _netrc_key(host) is not None
 
 
 def _netrc_key(host: str) -> str | None:
+    """The password of ``host``'s entry in ``$NETRC`` (else ``~/.netrc``, ``~/_netrc``)."""
     candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else [
         os.path.expanduser("~/.netrc"),
         os.path.expanduser("~/_netrc"),
