@@ -89,6 +89,8 @@ if TYPE_CHECKING:
     from qtemperate.quantization import QuantConfig as QuantConfig
     from qtemperate.quantization import QuantizationReport as QuantizationReport
     from qtemperate.quantization import ResidualAddMarker as ResidualAddMarker
+    from qtemperate.quantization import activation_ranges_frozen as activation_ranges_frozen
+    from qtemperate.quantization import freeze_activation_ranges as freeze_activation_ranges
     from qtemperate.quantization import get_bit_widths as get_bit_widths
     from qtemperate.quantization import get_quant_config as get_quant_config
     from qtemperate.quantization import quantization_report as quantization_report
@@ -126,6 +128,8 @@ _LAZY = {
     "PruneReport": "qtemperate.pruning",
     "quantize": "qtemperate.quantization",
     "set_bit_width": "qtemperate.quantization",
+    "freeze_activation_ranges": "qtemperate.quantization",
+    "activation_ranges_frozen": "qtemperate.quantization",
     "model_size": "qtemperate.size",
     "SizeReport": "qtemperate.size",
     "export_onnx": "qtemperate.export",
@@ -242,6 +246,7 @@ __all__ = [
     "TrainingDiverged",
     "VerifyReport",
     "WandbLogger",
+    "activation_ranges_frozen",
     "benchmark_onnx",
     "build_datasets",
     "build_loggers",
@@ -254,6 +259,7 @@ __all__ = [
     "dataset_info",
     "export_and_check",
     "export_onnx",
+    "freeze_activation_ranges",
     "get_bit_widths",
     "get_quant_config",
     "kd_loss",

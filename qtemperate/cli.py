@@ -101,7 +101,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         if t is not None:
             parts.append(f"float teacher {t:.3f} ms")
             if q:
-                parts.append(f"int8 speed-up {t / q:.2f}x")
+                parts.append(f"int8 student vs float teacher x{t / q:.2f}")
         lines.append(f"onnx latency b{bs}:".ljust(19) + "  ".join(parts))
     if summary.get("onnx_bytes"):
         lines.append(

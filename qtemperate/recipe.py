@@ -190,6 +190,11 @@ class StageConfig(_Strict):
 
     32/32 is a float stage; quantized stages use 2..8 bits. ``temperature`` is the
     stage's schedule block (:class:`TemperatureConfig`), ``temperate`` by default.
+    ``freeze_act_ranges_at``: fraction ``f`` of the stage's optimizer steps after which
+    the learned activation ranges stop training
+    (:func:`~qtemperate.quantization.freeze_activation_ranges`): the steps from
+    ``first + ceil(f * steps)`` on keep them fixed and run faster (no scale gradient);
+    0 freezes the calibrated ranges for the whole stage; unset (the default) never.
     """
 
     name: str | None = None
@@ -200,6 +205,7 @@ class StageConfig(_Strict):
     temperature: Annotated[SerializeAsAny[TemperatureConfig], WrapValidator(_temperature_block)] = (
         Field(default_factory=_default_temperature)
     )
+    freeze_act_ranges_at: float | None = Field(default=None, ge=0, lt=1)
 
     @field_validator("weight_bits", "act_bits")
     @classmethod
@@ -209,6 +215,8 @@ class StageConfig(_Strict):
     @model_validator(mode="after")
     def _float_or_quant(self) -> StageConfig:
         check_stage_bits(self.weight_bits, self.act_bits)
+        if self.freeze_act_ranges_at is not None and not self.quantized:
+            raise ValueError("freeze_act_ranges_at: a float stage has no activation ranges to freeze")
         return self
 
     @property

@@ -74,7 +74,7 @@ from qtemperate.training.console import Console
 from qtemperate.training.device import resolve_device
 from qtemperate.training.evaluate import evaluate
 from qtemperate.training.guards import TrainingDiverged, TrainingInterrupted
-from qtemperate.training.loop import Distiller, LrPlan
+from qtemperate.training.loop import Distiller, LrPlan, freeze_step
 from qtemperate.training.optimizer import build_optimizer
 from qtemperate.training.precision import policy_for
 from qtemperate.training.resume import STUDENT_ARCH_FORMAT, SUMMARY, ResumeState, load_resume_state
@@ -339,14 +339,16 @@ class Trainer:
             loss_fn.follow(st)
             first, last = bounds[stage_idx]
             loaders.set_epoch(epoch)
+            lr_plan = LrPlan(first * steps_per_epoch, (last - first) * steps_per_epoch,
+                             stage.lr or r.optimizer.lr, r.optimizer.schedule)
+            freeze_at = freeze_step(switches.recipe.stages[stage_idx].freeze_act_ranges_at, lr_plan)
             distiller = Distiller(trained, teacher_out, loss_fn, sched, opt, device, clip, r.tracking.log_every,
-                                  s_policy)
+                                  s_policy, freeze_at)
             means = distiller.train_epoch(
-                loaders.train, epoch, prog,
-                LrPlan(first * steps_per_epoch, (last - first) * steps_per_epoch,
-                       stage.lr or r.optimizer.lr, r.optimizer.schedule),
+                loaders.train, epoch, prog, lr_plan,
                 lambda metrics, step: logger.log(metrics, self.step_offset + step), self.console,
             )
+            trained = distiller.student  # rebuilt when a freeze changed what DDP must reduce
             st = sched.state or st
             acc, test_loss = evaluate(student, loaders.test, device, task)
             val_loss = test_loss if loaders.val is None else evaluate(student, loaders.val, device, task)[1]
@@ -354,6 +356,8 @@ class Trainer:
             self._record_epoch(prog, st, means, acc, test_loss, val_loss, logger)
             if epoch == last - 1:
                 prog.stages.append(self._stage_record(st, stage.epochs, acc, student))
+                if freeze_at is not None:
+                    prog.stages[-1]["act_ranges_frozen_from_step"] = freeze_at
             prog.elapsed_s += time.perf_counter() - t_start
             t_start = time.perf_counter()
             prog.metrics_bytes = metrics_size(self.run_dir) if main else None

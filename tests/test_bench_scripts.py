@@ -40,3 +40,17 @@ def test_gpu_check_refuses_without_cuda_unless_dry_run(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(tmp_path / "x.json")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--dry-run" in proc.stderr
+
+
+def test_ort_int8_speedup_runs_and_the_int8_file_is_exact_for_this_cpu(tmp_path: Path) -> None:
+    """One round: the JSON has both batches and every op type; the deployed int8 session
+    agrees with its own graph (the promise of the detected target, on any CPU class)."""
+    out = tmp_path / "ort.json"
+    proc = subprocess.run([sys.executable, "bench/ort_int8_speedup.py", "--rounds", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["latency"]) == {"b1", "b64"}
+    assert all(v["float_ms"] > 0 and v["int8_ms"] > 0 for v in res["latency"].values())
+    assert "QLinearConv" in res["ms_per_op_type_b64"]["int8"] and "Conv" in res["ms_per_op_type_b64"]["float"]
+    assert res["int8_deployed_vs_graph"]["agreement"] >= 0.99

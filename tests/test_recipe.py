@@ -224,6 +224,11 @@ BAD = [
     ("first-last-bits-32", _set("student.first_last_bits", 32), "student.first_last_bits", "2..8"),
     ("unknown-logger", _set("tracking.loggers", ["tensorboard"]), "tracking.loggers.0", "jsonl"),
     ("bad-coupling", _set("distillation.coupling", "linear"), "distillation.coupling", "bit_drop"),
+    ("freeze-on-float-stage", _set("stages", [{"epochs": 1, "freeze_act_ranges_at": 0.5}, q(1, 8)]), "stages.0",
+     "freeze_act_ranges_at: a float stage has no activation ranges to freeze"),
+    ("freeze-at-1", _set("stages.0.freeze_act_ranges_at", 1.0), "stages.0.freeze_act_ranges_at", "less than 1"),
+    ("freeze-negative", _set("stages.0.freeze_act_ranges_at", -0.1), "stages.0.freeze_act_ranges_at",
+     "greater than or equal to 0"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,37 @@ def test_run_reports_what_is_really_quantized(full_run: tuple[Path, dict]) -> No
     assert s["quantized_ops"] == len(report["rows"])
     # activation bits where a quantizer applies them: 4 inside, 8 at the model input
     assert s["act_bits_used"] == [4, 8]
+
+
+def _act_ranges(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The learned activation thresholds of a student's state dict."""
+    return {k: v for k, v in state.items() if "weight_quant" not in k and k.endswith("scaling_impl.value")}
+
+
+def test_freezing_activation_ranges_late_in_a_stage(tmp_path: Path) -> None:
+    """w8a8 frozen from half its steps, w4a4 from the start: ranges fixed exactly there,
+    thawed at the next stage, the freeze step in ``summary.json``, resume-exact."""
+    raw = _short(tmp_path)
+    raw["stages"][0]["freeze_act_ranges_at"] = 0.5
+    raw["stages"][1]["freeze_act_ranges_at"] = 0.0
+    recipe = parse_recipe(raw)
+    full = Trainer(recipe, run_dir=tmp_path / "a", progress=False).run()
+    with pytest.raises(TrainingInterrupted):  # end of w8a8 (thresholds frozen since its middle)
+        Trainer(recipe, run_dir=tmp_path / "b", progress=False, stop_after_epochs=1).run()
+    after_w8a8 = _act_ranges(load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"])
+    assert after_w8a8
+    resumed = Trainer(recipe, run_dir=tmp_path / "b", resume=True, progress=False).run()
+    assert resumed["student_acc"] == full["student_acc"] and resumed["stages"] == full["stages"]
+    steps_per_epoch = full["stages"][1]["act_ranges_frozen_from_step"]  # w4a4 starts after 1 epoch, f = 0
+    assert steps_per_epoch > 2
+    assert full["stages"][0]["act_ranges_frozen_from_step"] == math.ceil(0.5 * steps_per_epoch)
+    final, _ = load_student(tmp_path / "b" / "student.pt")
+    # w4a4 frozen from its first step: the thresholds are still those w8a8 ended with.
+    assert all(torch.equal(after_w8a8[k], v) for k, v in _act_ranges(final.state_dict()).items())
+    # ...which the first half of w8a8 trained: not the calibrated values of a run that froze at once.
+    raw0 = _short(tmp_path / "c")
+    raw0["stages"][0]["freeze_act_ranges_at"] = 0.0
+    with pytest.raises(TrainingInterrupted):
+        Trainer(parse_recipe(raw0), run_dir=tmp_path / "c", progress=False, stop_after_epochs=1).run()
+    calibrated = _act_ranges(load_checkpoint(tmp_path / "c" / "checkpoint.pt")["model"])
+    assert any(not torch.equal(calibrated[k], after_w8a8[k]) for k in calibrated)

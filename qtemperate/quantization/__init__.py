@@ -27,6 +27,9 @@ output of a quantizer (a sum, a product, a normalized tensor) gets its own input
 :func:`quantization_report` lists every operation of any model — quantized or float, and
 why — and ``quantize(..., strict=True)`` refuses float leftovers.
 
+:func:`freeze_activation_ranges` fixes the learned activation ranges late in a stage
+(:mod:`.freeze`; a faster step without a scale gradient).
+
 :func:`get_bit_widths`, :func:`set_bit_width` and :func:`get_quant_config` also work on
 models built from stock ``brevitas.nn`` layers (:mod:`.proxies`, :mod:`.foreign`) and
 on torch.ao QAT models (:mod:`.torch_ao`).
@@ -85,6 +88,8 @@ from qtemperate.quantization.config import ROLE_ATTR as ROLE_ATTR
 from qtemperate.quantization.config import QuantConfig as QuantConfig
 from qtemperate.quantization.convert import calibrate as calibrate
 from qtemperate.quantization.convert import quantize as quantize
+from qtemperate.quantization.freeze import activation_ranges_frozen as activation_ranges_frozen
+from qtemperate.quantization.freeze import freeze_activation_ranges as freeze_activation_ranges
 from qtemperate.quantization.graph import fold_batch_norms as fold_batch_norms
 from qtemperate.quantization.layers import QuantAvgPoolRequant as QuantAvgPoolRequant
 from qtemperate.quantization.layers import QuantConv1d as QuantConv1d
@@ -140,8 +145,10 @@ __all__ = [
     "QuantizationReport",
     "ResidualAddMarker",
     "Uint8ActPerTensorFloatStatefulBitWidth",
+    "activation_ranges_frozen",
     "calibrate",
     "fold_batch_norms",
+    "freeze_activation_ranges",
     "get_bit_widths",
     "get_quant_config",
     "is_quantized",

@@ -72,6 +72,7 @@ __all__ = [
     "on_failure",
     "rank",
     "resolve_backend",
+    "rewrap",
     "shutdown",
     "state_digest",
     "sum_over_ranks",
@@ -335,6 +336,19 @@ def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = True) ->
     if sync_batchnorm:
         model = convert_sync_batchnorm(model, device)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def rewrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """A fresh DistributedDataParallel around the module ``model`` wraps (``model`` itself
+    when it is not wrapped): after ``requires_grad`` changed (a freeze), DDP must be
+    rebuilt, since it expects a gradient for every parameter that required one when
+    it was built."""
+    inner = unwrap_ddp(model)
+    if inner is model:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(inner, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap_ddp(model: nn.Module) -> nn.Module:

@@ -14,6 +14,7 @@ global batch's loss), so every rank logs, and stops on, the same numbers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ from qtemperate.training.memory_format import to_format, wants_channels_last
 from qtemperate.training.precision import ComputePolicy
 from qtemperate.training.teacher import TeacherLogits
 
-__all__ = ["Distiller", "LrPlan", "stable_names"]
+__all__ = ["Distiller", "LrPlan", "freeze_step", "stable_names"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,22 @@ class LrPlan:
 
     def at(self, global_step: int) -> float:
         return lr_at(global_step - self.first_step, self.steps, self.peak, self.kind)
+
+
+def freeze_step(fraction: float | None, plan: LrPlan) -> int | None:
+    """The global step from which a stage's activation ranges are frozen.
+
+    ``first + ceil(fraction * steps)`` for the stage's ``plan`` (``None``: never).
+    """
+    if fraction is None:
+        return None
+    return plan.first_step + math.ceil(fraction * plan.steps)
+
+
+def _ranges_frozen(model: nn.Module) -> bool:
+    from qtemperate.quantization.freeze import activation_ranges_frozen
+
+    return bool(activation_ranges_frozen(model))
 
 
 def stable_names(parts: dict[str, Any], state: StageState, scheduler: JointScheduler) -> dict[str, Any]:
@@ -95,6 +112,10 @@ class Distiller:
         grad_clip: Max gradient norm (``inf``: no clipping, the norm is still measured).
         log_every: Read loss parts back and log every this many steps.
         policy: Autocast and batch placement of the student (default: fp32 on ``device``).
+        freeze_ranges_at: Global step from which the student's learned activation ranges
+            are frozen (:func:`~qtemperate.quantization.freeze_activation_ranges`; the
+            stage's ``freeze_act_ranges_at``), ``None``: never. In a data-parallel run
+            the wrapper is rebuilt at the freeze (:attr:`student` is the new one).
     """
 
     student: nn.Module
@@ -106,6 +127,21 @@ class Distiller:
     grad_clip: float
     log_every: int
     policy: ComputePolicy | None = None
+    freeze_ranges_at: int | None = None
+
+    def _freeze_ranges(self, step: int, console: Console) -> None:
+        """Freeze the activation ranges from ``step`` on (a no-op once they are frozen)."""
+        from qtemperate.quantization.freeze import freeze_activation_ranges
+
+        try:
+            changed = freeze_activation_ranges(self.student)
+        except ValueError as exc:
+            console.say(f"freeze_act_ranges_at: nothing frozen: {exc}")
+            self.freeze_ranges_at = None
+            return
+        if changed:
+            self.student = distributed.rewrap(self.student, self.device)
+            console.say(f"activation ranges frozen from step {step} ({changed} quantizers; freeze_act_ranges_at)")
 
     def train_epoch(
         self,
@@ -142,7 +178,11 @@ class Distiller:
               and any(isinstance(m, nn.Conv2d) for m in self.student.modules()))
         if cl:
             self.student.to(memory_format=torch.channels_last)
+        frozen = self.freeze_ranges_at is None or _ranges_frozen(self.student)
         for x, y, idx in bar:
+            if self.freeze_ranges_at is not None and not frozen and progress.global_step >= self.freeze_ranges_at:
+                self._freeze_ranges(progress.global_step, console)
+                frozen = True
             x, y = policy.to_device(x), targets_to(y, self.device)
             x = to_format(x, cl and wants_channels_last(x))
             if within_epoch:  # T of this update's position in the epoch, before its forward

@@ -5,7 +5,7 @@ The first quantized stage turns the float student into a Brevitas QAT model
 data) and, when given a run folder, prints its quantization report (what is quantized,
 what stays float and why) and writes it to ``quantization_report.json``; every later stage
 lowers the bit widths in place (:func:`~qtemperate.quantization.set_bit_width`), keeping
-weights and learned ranges.
+weights and learned ranges (ranges a previous stage froze learn again).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 
 from qtemperate.joint_scheduler import BitStage
 from qtemperate.quantization import quantize, set_bit_width
+from qtemperate.quantization.freeze import activation_ranges_frozen, freeze_activation_ranges
 from qtemperate.quantization.report import REPORT_FILE
 from qtemperate.recipe import StudentConfig
 
@@ -58,7 +59,9 @@ def enter_stage(
     """
     if not stage.quantized:
         return student
-    if quantized_now:
+    if quantized_now:  # the ranges a previous stage froze learn again at the new width
+        if activation_ranges_frozen(student):
+            freeze_activation_ranges(student, frozen=False)
         return set_bit_width(student, stage.weight_bits, stage.act_bits)
     use = calibration if config.calibration_batches > 0 else None
     qmodel, report = quantize(

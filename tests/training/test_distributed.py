@@ -73,6 +73,24 @@ def _group_checks(rank: int, world: int) -> dict[str, Any]:
     dp = distributed.unwrap(dp)
     out["bn_classes"] = sorted({type(mod).__name__ for mod in dp.modules() if "Norm" in type(mod).__name__})
     out["ddp_state"] = {k: v.tolist() for k, v in dp.state_dict().items()}
+    # A QAT student whose activation ranges freeze mid-training: DDP is rebuilt (it expects
+    # a gradient for every parameter that required one when it was built) and goes on.
+    from qtemperate.quantization import freeze_activation_ranges, quantize
+
+    torch.manual_seed(0)
+    q = quantize(_model(), 8, 8, calibration_loader=[x[:32]], calibration_batches=1)
+    ranges = [p for n, p in q.named_parameters() if n.endswith("scaling_impl.value") and "weight_quant" not in n]
+    batches = [idx[i : i + per] for i in range(0, len(idx), per)]
+    wrapped = distributed.wrap(q, CPU, sync_batchnorm=False)
+    _train(wrapped, batches[:2])
+    before = [p.detach().clone() for p in ranges]
+    out["frozen_count"] = freeze_activation_ranges(wrapped)
+    wrapped = distributed.rewrap(wrapped, CPU)
+    out["rewrapped_is_ddp"] = type(wrapped).__name__
+    _train(wrapped, batches[2:4])
+    out["ranges_kept"] = all(torch.equal(a, b) for a, b in zip(before, ranges))
+    out["n_ranges"] = len(ranges)
+    out["qat_digest"] = distributed.state_digest(q)
     return out
 
 
@@ -125,10 +143,17 @@ def test_ddp_with_sync_batchnorm_equals_one_process_with_the_global_batch(group:
     assert group[0]["ddp_state"] == group[1]["ddp_state"]
 
 
+def test_a_freeze_under_ddp_rebuilds_the_wrapper_and_keeps_ranks_equal(group: list[dict[str, Any]]) -> None:
+    for out in group:
+        assert out["n_ranges"] > 0 and out["frozen_count"] == out["n_ranges"]
+        assert out["rewrapped_is_ddp"] == "DistributedDataParallel" and out["ranges_kept"]
+    assert group[0]["qat_digest"] == group[1]["qat_digest"]
+
+
 def test_single_process_helpers_are_the_identity() -> None:
     m = _model()
     assert not distributed.is_distributed() and distributed.is_main()
-    assert distributed.wrap(m, CPU) is m and distributed.unwrap(m) is m
+    assert distributed.wrap(m, CPU) is m and distributed.unwrap(m) is m and distributed.rewrap(m, CPU) is m
     assert distributed.from_main(lambda: 3) == 3 and distributed.sync_module_(m)
     t = torch.arange(6.0).reshape(3, 2)
     assert distributed.gather_shards(t, 3) is t

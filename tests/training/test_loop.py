@@ -14,7 +14,7 @@ from qtemperate.models import build_model
 from qtemperate.training.checkpointing import Progress
 from qtemperate.training.console import Console
 from qtemperate.training.guards import TrainingDiverged
-from qtemperate.training.loop import Distiller, LrPlan, stable_names
+from qtemperate.training.loop import Distiller, LrPlan, freeze_step, stable_names
 from qtemperate.training.teacher import TeacherLogits
 
 CPU = torch.device("cpu")
@@ -27,6 +27,15 @@ def test_stable_names_use_reference_temperatures() -> None:
     named = stable_names(parts, st, sched)
     assert {"kd_T6", "kd_T3", "kd_T1", "T_scale6", "T_scale3", "T_scale1", "loss"} <= set(named)
     assert [named["T_scale6"], named["T_scale3"], named["T_scale1"]] == list(st.temperatures)
+
+
+def test_freeze_step_is_first_plus_ceil_of_the_fraction_of_the_stage() -> None:
+    plan = LrPlan(first_step=40, steps=30, peak=0.1, kind="cosine")
+    assert freeze_step(None, plan) is None
+    assert freeze_step(0.0, plan) == 40
+    assert freeze_step(0.5, plan) == 55
+    assert freeze_step(0.51, plan) == 40 + math.ceil(0.51 * 30) == 56
+    assert freeze_step(0.999, plan) == 70  # the last step of the stage is 69: never frozen
 
 
 def test_lr_plan_is_stage_local() -> None:
