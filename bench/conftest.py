@@ -59,9 +59,15 @@ def environment() -> dict[str, Any]:
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write ``bench/results/<name>.json`` with the environment attached."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    return write_json(RESULTS / f"{name}.json", payload)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``{"environment": ..., **payload}`` to ``path`` (folders created) and say so."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": environment(), **payload}, indent=2))
+    print(f"wrote {path}")
     return path
 
 

@@ -34,7 +34,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from conftest import environment  # noqa: E402
+from conftest import write_json  # noqa: E402
 
 from qtemperate.export import export_onnx  # noqa: E402
 from qtemperate.export.targets import detect_target  # noqa: E402
@@ -136,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
            "target": target, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
            "latency": latency, "ms_per_op_type_b64": ops, "int8_deployed_vs_graph": exact}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"environment": environment(), **out}, indent=2))
-        print(f"wrote {args.out}")
+        write_json(args.out, out)
     return 0
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import statistics
 import sys
@@ -50,7 +49,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from conftest import environment  # noqa: E402
+from conftest import write_json  # noqa: E402
 
 from qtemperate import build_model, quantize, set_bit_width  # noqa: E402
 from qtemperate.quantization.fast import brevitas_reference  # noqa: E402
@@ -178,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:<16}{med[k]:>11.1f}{med[k] / med[base]:>9.3f}{paired[k]:>9.3f}")
     print(f"load average before {load_before}, after {load_after}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"environment": environment(), **out}, indent=2))
-        print(f"wrote {args.out}")
+        write_json(args.out, out)
     return 0
 
 
