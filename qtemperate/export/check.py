@@ -184,7 +184,9 @@ def export_and_check(
         ``teacher_onnx_latency_ms`` / ``float_student_onnx_latency_ms`` when timed,
         ``int8_onnx_top1_agreement`` / ``int8_onnx_max_abs_diff`` (the int8 twin against
         its own PyTorch model), ``teacher_onnx_top1_agreement`` / ``teacher_onnx_max_abs_diff``
-        (when the teacher was timed), ``int8_speedup``, ``int8_latency_note``, ``onnx_byte_breakdown``,
+        (when the teacher was timed), ``int8_speedup``, ``int8_latency_note``,
+        ``int8_vs_teacher_speedup`` / ``student_slower_than_teacher_note`` (when the teacher
+        was timed), ``onnx_byte_breakdown``,
         ``onnx_int16_saturation`` (the ``x86-avx2`` rule on the int8 file), ``onnx_files``
         (per file: bits and the runtimes that run it with integer kernels), the
         ``openvino_*`` and ``qonnx_*`` keys, and the target facts of :func:`target_facts`.
@@ -264,6 +266,8 @@ def export_and_check(
                 out["teacher_onnx_latency_ms"] = _latency(tpath, batch_sizes, iters)
             finally:
                 teacher.to(t_device)
+            if quantized:
+                out.update(_versus_teacher(out, float_student))
         return out
     finally:
         student.to(device).train(was_training)
@@ -307,6 +311,30 @@ def _speedups(out: dict[str, Any], float_student: nn.Module) -> dict[str, Any]:
         if res.get("openvino_int8_speedup"):
             note += f"; OpenVINO runs the same file at x{max(res['openvino_int8_speedup'].values()):.2f}"
         res["int8_latency_note"] = note
+    return res
+
+
+def _versus_teacher(out: dict[str, Any], float_student: nn.Module | None) -> dict[str, Any]:
+    """The int8 student's latency against the float teacher's, and a note when it is slower.
+
+    ``int8_vs_teacher_speedup[b] = teacher_ms[b] / int8_ms[b]``; below 1 at every batch
+    size the compressed student is slower to run than the model it replaces, which the
+    size figures alone would hide (``student_slower_than_teacher_note``).
+    """
+    t, q = out["teacher_onnx_latency_ms"], out.get("int8_onnx_latency_ms") or {}
+    speed = {b: t[b] / q[b] for b in t if q.get(b)}
+    res: dict[str, Any] = {"int8_vs_teacher_speedup": speed, "student_slower_than_teacher_note": None}
+    if speed and all(v < 1.0 for v in speed.values()):
+        note = ("the int8 student runs slower than the float teacher in onnxruntime ("
+                + ", ".join(f"x{v:.2f} at batch {b}" for b, v in speed.items()) + ")")
+        fl = out.get("float_student_onnx_latency_ms") or {}
+        if fl and all(fl[b] > t[b] for b in t if b in fl):
+            note += "; its float twin is slower than the teacher too, so the cause is the pruned shape"
+        odd = _odd_widths(float_student) if float_student is not None else []
+        if odd:
+            note += (f"; channel counts {odd} are not multiples of 8, which onnxruntime's kernels pad "
+                     "or run on slower paths: student.round_to: 8 keeps widths they pack")
+        res["student_slower_than_teacher_note"] = note
     return res
 
 

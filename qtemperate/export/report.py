@@ -100,8 +100,9 @@ def deployment_lines(summary: dict[str, Any]) -> list[str]:
         ovs = (summary.get("openvino_int8_speedup") or {}).get(bs)
         speed = ", ".join(x for x in (f"ort x{sp:.2f}" if sp else "", f"openvino x{ovs:.2f}" if ovs else "") if x)
         lines.append(f"student b{bs}:".ljust(19) + "  ".join(parts) + (f"  ({speed} vs float)" if speed else ""))
-    if summary.get("int8_latency_note"):
-        lines.append(f"note: {summary['int8_latency_note']}")
+    for key in ("int8_latency_note", "student_slower_than_teacher_note"):
+        if summary.get(key):
+            lines.append(f"note: {summary[key]}")
     for fname, f in (summary.get("onnx_files") or {}).items():
         rt = "; ".join(f"{k}: {v}" for k, v in (f.get("runtimes") or {}).items())
         lines.append(f"  {fname} ({f.get('bits')}): {rt}")

@@ -157,3 +157,25 @@ def test_int8_pointless_note_names_the_narrow_layers() -> None:
     assert f"channel counts {[w for w in widths if w % 8]}" in note and "student.round_to: 8" in note
     out["int8_onnx_latency_ms"] = {"1": 0.5, "64": 4.0}
     assert _speedups(out, narrow)["int8_latency_note"] is None
+
+
+def test_a_student_slower_than_its_teacher_is_said_with_the_cause() -> None:
+    from qtemperate.export.check import _versus_teacher
+    from qtemperate.models import build_model
+
+    odd = build_model("small_cnn", num_classes=10, in_channels=1, width=6)
+    widths = sorted({m.out_channels for m in odd.modules() if isinstance(m, nn.Conv2d) and m.out_channels % 8})
+    out = {"teacher_onnx_latency_ms": {"1": 0.15, "64": 7.0}, "int8_onnx_latency_ms": {"1": 0.3, "64": 10.0},
+           "float_student_onnx_latency_ms": {"1": 0.4, "64": 14.0}}
+    res = _versus_teacher(out, odd)
+    assert res["int8_vs_teacher_speedup"] == {"1": pytest.approx(0.5), "64": pytest.approx(0.7)}
+    note = res["student_slower_than_teacher_note"]
+    assert note.startswith("the int8 student runs slower than the float teacher in onnxruntime (x0.50 at batch 1, "
+                           "x0.70 at batch 64)")
+    assert "float twin is slower than the teacher too" in note and f"channel counts {widths}" in note
+    out["int8_onnx_latency_ms"] = {"1": 0.3, "64": 5.0}  # faster at batch 64: no note
+    assert _versus_teacher(out, odd)["student_slower_than_teacher_note"] is None
+    from qtemperate.export.report import deployment_lines
+
+    lines = deployment_lines({"export_target": "x86-vnni", "student_slower_than_teacher_note": "x y"})
+    assert "note: x y" in lines
