@@ -356,7 +356,7 @@ class Trainer:
             self._record_epoch(prog, st, means, acc, test_loss, val_loss, logger)
             if epoch == last - 1:
                 prog.stages.append(self._stage_record(st, stage.epochs, acc, student))
-                if freeze_at is not None:
+                if freeze_at is not None and freeze_at < last * steps_per_epoch:  # reached in the stage
                     prog.stages[-1]["act_ranges_frozen_from_step"] = freeze_at
             prog.elapsed_s += time.perf_counter() - t_start
             t_start = time.perf_counter()
