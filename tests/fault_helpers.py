@@ -71,9 +71,16 @@ def run(*args: str | Path, cwd: Path, fault: str | None = None) -> Result:
     return Result(p.returncode, p.stdout, p.stderr)
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and a
+    # Python started with SIGINT ignored keeps ignoring it: give the child the default
+    # (Ctrl-C raises KeyboardInterrupt) whatever way the test suite itself was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args: str | Path, cwd: Path, fault: str) -> subprocess.Popen[str]:
     return subprocess.Popen(cli(*args), cwd=cwd, env=cli_env(fault), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def wait_stopped(proc: subprocess.Popen[str], timeout: float = TIMEOUT_S) -> None:

@@ -32,7 +32,8 @@ What it does, hook by hook:
   or its bits are lowered in place (:func:`~qtemperate.quantization.set_bit_width`).
 * ``on_train_batch_start``: with ``step_per_update`` (default), an epoch-driven
   schedule moves within the epoch (``step(epoch + batch_idx / batches)``: the Temperate
-  cosine decays per update).
+  cosine decays per update); with ``freeze_act_ranges_at``, the activation ranges are
+  frozen once the stage has done that fraction of its updates (thawed at the next stage).
 * ``on_before_optimizer_step``: a ``gradient_norm`` stage reads the student's gradient
   norm and moves T for the next update.
 * ``on_train_batch_end``: the loss parts (``kd_loss``, ``kd_T6`` ...), the current
@@ -72,7 +73,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from qtemperate.heads import Task
 from qtemperate.joint_scheduler import BitStage, JointScheduler, StageState
 from qtemperate.losses import TemperateLoss
-from qtemperate.quantization import get_quant_config, is_quantized, quantize, set_bit_width
+from qtemperate.quantization import (
+    activation_ranges_frozen,
+    freeze_activation_ranges,
+    get_quant_config,
+    is_quantized,
+    quantize,
+    set_bit_width,
+)
 from qtemperate.training.loop import stable_names
 
 __all__ = ["TemperateDistillation"]
@@ -103,9 +111,15 @@ class TemperateDistillation(pl.Callback):
         step_per_update: Move epoch-driven schedules within epochs (per batch).
         val_loss_key: The logged metric that drives the adaptive schedule.
         log_prefix: Prefix of the logged keys.
+        freeze_act_ranges_at: Fraction ``f`` of each quantized stage's updates after which
+            the student's learned activation ranges stop training
+            (:func:`~qtemperate.quantization.freeze_activation_ranges`; from update
+            ``ceil(f * updates)`` of the stage on, thawed when the next stage starts), as a
+            recipe's ``stages[i].freeze_act_ranges_at``; ``None``: never. Single-device fits.
 
     Raises:
-        ValueError: neither or both of ``stages`` and ``scheduler``.
+        ValueError: neither or both of ``stages`` and ``scheduler``; ``freeze_act_ranges_at``
+            outside ``[0, 1)``.
     """
 
     def __init__(
@@ -128,10 +142,13 @@ class TemperateDistillation(pl.Callback):
         step_per_update: bool = True,
         val_loss_key: str = "val_loss",
         log_prefix: str = "temperate/",
+        freeze_act_ranges_at: float | None = None,
     ) -> None:
         super().__init__()
         if (stages is None) == (scheduler is None):
             raise ValueError("give the bit-width stages or a JointScheduler (exactly one)")
+        if freeze_act_ranges_at is not None and not 0 <= freeze_act_ranges_at < 1:
+            raise ValueError(f"freeze_act_ranges_at must be in [0, 1), got {freeze_act_ranges_at}")
         if not isinstance(teacher, nn.Module):
             raise ValueError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
         self.teacher = teacher
@@ -152,6 +169,8 @@ class TemperateDistillation(pl.Callback):
         self.step_per_update = step_per_update
         self.val_loss_key = val_loss_key
         self.log_prefix = log_prefix
+        self.freeze_act_ranges_at = freeze_act_ranges_at
+        self._frozen_in = -1  # the stage whose activation ranges were frozen (-1: none)
         self.state: StageState | None = None
         self.stage_index = -1  # the stage the student is in (-1: none entered yet)
         self._parts: dict[str, Tensor] = {}
@@ -193,6 +212,9 @@ class TemperateDistillation(pl.Callback):
                 f"Trainer(max_epochs={trainer.max_epochs}) but the stages last {self.total_epochs} epochs; "
                 "use max_epochs=kd.total_epochs"
             )
+        if self.freeze_act_ranges_at is not None and trainer.world_size > 1:
+            raise ValueError("freeze_act_ranges_at changes which parameters get gradients during fit, "
+                             "which a distributed wrapper does not allow; use it in single-device fits")
         self.teacher.to(pl_module.device).eval()
         self.teacher.requires_grad_(False)
         teacher_params = {id(p) for p in self.teacher.parameters()}
@@ -224,6 +246,7 @@ class TemperateDistillation(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         batches = trainer.num_training_batches
+        self._maybe_freeze(trainer, pl_module, batch_idx, batches)
         if not self.step_per_update or batch_idx == 0 or not math.isfinite(batches) or batches <= 0:
             return
         if self.scheduler.schedule(self.stage_index).fractional_epochs:
@@ -311,6 +334,24 @@ class TemperateDistillation(pl.Callback):
         )
         setattr(pl_module, self.student_attr, q)
 
+    def _maybe_freeze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int,
+                      batches: float) -> None:
+        """Freeze the activation ranges once the stage has done ``freeze_act_ranges_at`` of its updates."""
+        idx = self.stage_index
+        if self.freeze_act_ranges_at is None or idx < 0 or self._frozen_in == idx:
+            return
+        stage = self.scheduler.stages[idx]
+        if not stage.quantized:
+            return
+        local = trainer.current_epoch - self.scheduler.stage_bounds()[idx][0]
+        if math.isfinite(batches) and batches > 0:  # updates done so far / the stage's updates
+            done = (local * batches + batch_idx) >= math.ceil(self.freeze_act_ranges_at * stage.epochs * batches)
+        else:
+            done = local >= math.ceil(self.freeze_act_ranges_at * stage.epochs)
+        if done:
+            freeze_activation_ranges(self._student(pl_module))
+            self._frozen_in = idx
+
     def _enter_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, idx: int) -> None:
         stage = self.scheduler.stages[idx]
         self.stage_index = idx
@@ -318,6 +359,9 @@ class TemperateDistillation(pl.Callback):
             return
         net = self._student(pl_module)
         if is_quantized(net):
+            if self._frozen_in >= 0 and activation_ranges_frozen(net):  # frozen late in the last stage
+                freeze_activation_ranges(net, frozen=False)
+            self._frozen_in = -1
             cfg = get_quant_config(net)
             if (cfg.weight_bits, cfg.act_bits) != (stage.weight_bits, stage.act_bits):
                 set_bit_width(net, stage.weight_bits, stage.act_bits)

@@ -175,3 +175,44 @@ def test_a_fit_quantized_mid_way_resumes_from_its_checkpoint(tmp_path: Path, loa
     assert kd2.state.weight_bits == 4 and kd2.scheduler.state.epoch == 2
     inner = [v["weight"] for v in get_bit_widths(module2.net).values() if v["weight"] is not None]
     assert min(inner) == 4
+
+
+def _ranges(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in net.state_dict().items()
+            if k.endswith("scaling_impl.value") and "weight_quant" not in k}
+
+
+class _Snapshots(L.Callback):
+    """The student's activation ranges at the start of chosen (epoch, batch) updates."""
+
+    def __init__(self, at: set[tuple[int, int]]) -> None:
+        self.at, self.seen = at, {}
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if (trainer.current_epoch, batch_idx) in self.at:
+            self.seen[(trainer.current_epoch, batch_idx)] = _ranges(pl_module.net)
+
+
+def test_activation_ranges_freeze_late_in_each_stage_and_thaw_at_the_next(tmp_path: Path, loaders: Any) -> None:
+    """Stages float 1, W8A8 1, W4A4 2 epochs of 4 updates, ``freeze_act_ranges_at=0.5``: W8A8
+    freezes at its update 2 (epoch 1, batch 2), W4A4 learns its ranges again and freezes
+    at its update 4 (epoch 3, batch 0)."""
+    snaps = _Snapshots({(1, 1), (1, 2), (2, 0), (2, 1), (3, 0)})
+    kd = TemperateDistillation(_teacher(), _stages(), temperatures=(6.0, 3.0, 1.0), student_attr="net",
+                               calibration=[loaders[0].dataset.tensors[0][:32]], freeze_act_ranges_at=0.5)
+    module = LitStudent(build_model("small_cnn", num_classes=10, in_channels=1, width=8), kd)
+    trainer = L.Trainer(max_epochs=kd.total_epochs, callbacks=[kd, snaps], logger=False, accelerator="cpu",
+                        devices=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, *loaders)
+    s = snaps.seen
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert s[(1, 1)].keys() and not same(s[(1, 1)], s[(1, 2)])  # W8A8 still learning at its update 1
+    assert same(s[(1, 2)], s[(2, 0)])  # frozen from update 2 to the end of W8A8
+    assert not same(s[(2, 0)], s[(2, 1)])  # thawed: W4A4's first update moves them
+    assert same(s[(3, 0)], _ranges(module.net))  # frozen from W4A4's update 4 to the end
+    with pytest.raises(ValueError, match=r"freeze_act_ranges_at must be in \[0, 1\), got 1.0"):
+        TemperateDistillation(_teacher(), _stages(), freeze_act_ranges_at=1.0)
