@@ -22,6 +22,8 @@ pruning, BN folding or export look for them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -117,31 +119,34 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     """
     target: type[nn.Module] = nn.SyncBatchNorm if device.type == "cuda" else GroupBatchNorm
 
-    def convert(m: nn.Module) -> nn.Module:
+    def convert(m: nn.Module) -> nn.Module | None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm | GroupBatchNorm):
             new = _swap(m, target)
             setattr(new, _ORIGINAL, type(m))
             return new
-        for name, child in m.named_children():
-            replaced = convert(child)
-            if replaced is not child:
-                setattr(m, name, replaced)
-        return m
+        return None
 
-    return convert(module)
+    return _replace_modules(module, convert)
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Undo :func:`convert_sync_batchnorm` in place (a no-op on a model without it)."""
 
-    def revert(m: nn.Module) -> nn.Module:
+    def revert(m: nn.Module) -> nn.Module | None:
         original = getattr(m, _ORIGINAL, None)
-        if original is not None:
-            return _swap(m, original)
-        for name, child in m.named_children():
-            replaced = revert(child)
-            if replaced is not child:
-                setattr(m, name, replaced)
-        return m
+        return _swap(m, original) if original is not None else None
 
-    return revert(module)
+    return _replace_modules(module, revert)
+
+
+def _replace_modules(module: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """``module`` with every submodule that ``replacement`` maps to a new module replaced in
+    place (``None``: keep it and look inside); returns the replacement of ``module`` itself."""
+    new = replacement(module)
+    if new is not None:
+        return new
+    for name, child in module.named_children():
+        replaced = _replace_modules(child, replacement)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module

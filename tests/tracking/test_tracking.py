@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,20 +141,6 @@ def test_resolve_wandb_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 # --------------------------------------------------------------------------- W&B
 
 
-@pytest.fixture(scope="module")
-def wandb_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    base = tmp_path_factory.mktemp("wandb_env")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_RUN_ID", "WANDB_RESUME"):
-            mp.delenv(var, raising=False)
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("WANDB_SILENT", "true")
-        for var, sub in (("WANDB_DIR", "dir"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
-                         ("WANDB_CONFIG_DIR", "config"), ("WANDB_ARTIFACT_DIR", "artifacts")):
-            (base / sub).mkdir()
-            mp.setenv(var, str(base / sub))
-        mp.setenv("NETRC", str(base / "no-netrc"))
-        yield base
 
 
 HISTORY = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,22 +18,6 @@ from qtemperate.tracking.wandb_reader import (
     read_wandb_runs,
 )
 from tests import wandb_reader as leet
-
-
-@pytest.fixture(scope="module")
-def wandb_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    base = tmp_path_factory.mktemp("wandb_reader")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_RUN_ID", "WANDB_RESUME"):
-            mp.delenv(var, raising=False)
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("WANDB_SILENT", "true")
-        mp.setenv("NETRC", str(base / "no-netrc"))
-        for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
-                         ("WANDB_CONFIG_DIR", "config"), ("WANDB_ARTIFACT_DIR", "artifacts")):
-            (base / sub).mkdir()
-            mp.setenv(var, str(base / sub))
-        yield base
 
 
 @pytest.fixture(scope="module")
