@@ -392,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         return parallel(args, seeds)
     base = yaml.safe_load(RECIPE.read_text())
     base = apply_overrides(base, common_overrides(args))
+    ckpt = base["teacher"].get("checkpoint")
+    if ckpt is not None and not Path(ckpt).is_absolute():  # the shipped teacher, beside the recipe
+        base["teacher"]["checkpoint"] = str(RECIPE.parent / ckpt)
     n_stages = len(base["stages"])
     load_before = os.getloadavg()
     t_all = time.perf_counter()

@@ -740,4 +740,17 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
         raise RecipeError(f"{p}: malformed YAML{where}") from None
     recipe = parse_recipe(raw, source=str(p), overrides=overrides)
     recipe._source_dir = p.resolve().parent
+    _checkpoint_beside_recipe(recipe)
     return recipe
+
+
+def _checkpoint_beside_recipe(recipe: Recipe) -> None:
+    """A relative ``teacher.checkpoint`` that is not found from the working directory is
+    read from the recipe's folder, when it is there (a recipe shipped with its teacher runs
+    from anywhere); otherwise the path stays as written and preflight names it."""
+    ckpt = recipe.teacher.checkpoint
+    if ckpt is None or ckpt.is_absolute() or ckpt.exists() or recipe.source_dir is None:
+        return
+    beside = recipe.source_dir / ckpt
+    if beside.exists():
+        recipe.teacher.checkpoint = beside
