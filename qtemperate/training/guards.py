@@ -27,11 +27,19 @@ class TrainingInterrupted(RuntimeError):
     """Raised by ``stop_after_epochs`` (tests simulate a killed run with it)."""
 
 
-def check_finite(loss: float | torch.Tensor, where: str) -> None:
-    """Raise :class:`TrainingDiverged` naming ``where`` when ``loss`` is NaN or infinite."""
+_ADVICE = "stopping without saving this epoch. Lower the learning rate or raise the temperature"
+
+
+def check_finite(loss: float | torch.Tensor, where: str, advice: str = _ADVICE) -> None:
+    """Raise :class:`TrainingDiverged` naming ``where`` when ``loss`` is NaN or infinite.
+
+    The message is one line: ``"<where>: loss is nan (NaN/Inf); <advice>"``.
+
+    Args:
+        loss: The loss (a float or a 0-dim tensor; reading a tensor is a host sync).
+        where: What was running: the epoch, the step, the stage.
+        advice: What the run does now and what to change (the recipe trainer's by default).
+    """
     value = float(loss)
     if not math.isfinite(value):
-        raise TrainingDiverged(
-            f"{where}: loss is {value} (NaN/Inf); stopping without saving this epoch. "
-            "Lower the learning rate or raise the temperature"
-        )
+        raise TrainingDiverged(f"{where}: loss is {value} (NaN/Inf); {advice}")
