@@ -7,7 +7,10 @@
 * :mod:`qtemperate.export.qcdq` — the graph rewrites that make onnxruntime run integer
   kernels (folded weight clips, packed INT4, int32 biases, short names).
 * :mod:`qtemperate.export.runtime` — :func:`verify_onnx` (unoptimized and deployed
-  sessions, per output), :func:`benchmark_onnx`, :func:`optimized_op_types`.
+  sessions, per output; a :class:`DeployedAgreementWarning` below 99 % top-1 agreement),
+  :func:`benchmark_onnx`, :func:`optimized_op_types`.
+* :mod:`qtemperate.export.torch_ao` — QAT-prepared torch.ao models as the exact QDQ graph
+  of their fake-quants (any bit width down to 2).
 * :mod:`qtemperate.export.openvino` — the same checks in OpenVINO (``openvino`` extra).
 * :mod:`qtemperate.export.qonnx` — QONNX export for FINN / FPGA flows, checked with
   QONNX's executor (``qonnx`` extra).
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
     from qtemperate.export.onnx import export_onnx as export_onnx
     from qtemperate.export.onnx import output_names as output_names
     from qtemperate.export.qcdq import INT4_OPSET as INT4_OPSET
+    from qtemperate.export.runtime import DEPLOYED_AGREEMENT_FLOOR as DEPLOYED_AGREEMENT_FLOOR
+    from qtemperate.export.runtime import DeployedAgreementWarning as DeployedAgreementWarning
     from qtemperate.export.runtime import OutputReport as OutputReport
     from qtemperate.export.runtime import VerifyReport as VerifyReport
     from qtemperate.export.runtime import benchmark_onnx as benchmark_onnx
@@ -50,6 +55,8 @@ _LAZY = {
     "export_onnx": "onnx",
     "output_names": "onnx",
     "INT4_OPSET": "qcdq",
+    "DEPLOYED_AGREEMENT_FLOOR": "runtime",
+    "DeployedAgreementWarning": "runtime",
     "OutputReport": "runtime",
     "VerifyReport": "runtime",
     "benchmark_onnx": "runtime",

@@ -3,7 +3,10 @@
 A quantized model is exported in the standard QCDQ form
 (``QuantizeLinear -> [Clip] -> DequantizeLinear``; Brevitas legacy TorchScript exporter)
 and then rewritten by :mod:`qtemperate.export.qcdq` so onnxruntime runs integer kernels
-and the file holds integers; a float model goes through plain ``torch.onnx.export``.
+and the file holds integers; a QAT-prepared torch.ao model is written as the exact QDQ
+graph of its fake-quants (:mod:`qtemperate.export.torch_ao`; its 4-bit ranges included,
+which torch.ao's ``convert`` drops); a float or converted torch.ao model goes through
+plain ``torch.onnx.export``.
 
 The graph is built in memory and written atomically (:mod:`qtemperate.atomic`): a
 full disk or a killed export never leaves a truncated ``.onnx`` file behind.
@@ -30,7 +33,7 @@ from qtemperate.atomic import TEMP_SUFFIX, write_bytes_atomic
 from qtemperate.errors import DiskFull
 from qtemperate.export.qcdq import INT4_OPSET, postprocess_qcdq
 from qtemperate.quantization import is_quantized
-from qtemperate.quantization.torch_ao import check_ao_exportable
+from qtemperate.quantization.torch_ao import ao_kind, check_ao_exportable, frozen_observers
 
 __all__ = ["INPUT_NAME", "INT4_OPSET", "OUTPUT_NAME", "export_onnx", "flatten_outputs", "model_device", "output_names"]
 
@@ -82,7 +85,7 @@ def output_names(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), frozen_observers(model):  # a torch.ao fake-quant would observe
             return flatten_outputs(model(example_input.to(device)))[0]
     finally:
         model.train(was_training)
@@ -97,7 +100,8 @@ def export_onnx(
     """Export a quantized (QCDQ) or float model to ONNX with a dynamic batch axis.
 
     Args:
-        qmodel: model from :func:`qtemperate.quantization.quantize`, or any float model.
+        qmodel: model from :func:`qtemperate.quantization.quantize`, a stock Brevitas model,
+            a QAT-prepared or converted torch.ao model, or any float model.
         path: output ``.onnx`` file (parent directories are created).
         example_input: example batch (its batch size is irrelevant: the axis is dynamic).
         opset: ONNX opset for the TorchScript exporter (<= 20). Defaults to 17 for float and
@@ -108,8 +112,10 @@ def export_onnx(
         The path written; its outputs are named by :func:`output_names`.
 
     Raises:
-        ValueError: if ``opset`` is outside 13..21, ``example_input`` is not a tensor or the
-            model's output is not a tensor / dict / tuple of tensors.
+        ValueError: if ``opset`` is outside 13..21, ``example_input`` is not a tensor, the
+            model's output is not a tensor / dict / tuple of tensors, or for a torch.ao model
+            prepared for post-training quantization (observers only: convert it first) or
+            holding a fake-quant other than ``FakeQuantize`` and its subclasses.
     """
     if not isinstance(example_input, torch.Tensor):
         raise ValueError(
@@ -127,8 +133,15 @@ def export_onnx(
         "opset_version": export_opset,
         "dynamo": False,
     }
-    check_ao_exportable(qmodel)  # a torch.ao QAT-prepared model: says to convert it first
+    check_ao_exportable(qmodel)  # a torch.ao PTQ-prepared model: says to convert it first
     x = example_input.to(model_device(qmodel))
+    allow_int4 = opset is None or opset >= INT4_OPSET
+    if ao_kind(qmodel) == "prepared":  # torch.ao QAT: the exact QDQ graph of its fake-quants
+        from qtemperate.export.torch_ao import export_ao_qdq
+
+        model = export_ao_qdq(qmodel, x, kwargs, allow_int4)
+        write_bytes_atomic(path, model.SerializeToString())
+        return path
     was_training = qmodel.training
     qmodel.eval()
     try:
@@ -144,7 +157,7 @@ def export_onnx(
     finally:
         qmodel.train(was_training)
     if is_quantized(qmodel):
-        model = postprocess_qcdq(model, allow_int4=opset is None or opset >= INT4_OPSET)
+        model = postprocess_qcdq(model, allow_int4=allow_int4)
         onnx.checker.check_model(model)
     write_bytes_atomic(path, model.SerializeToString())
     return path

@@ -35,14 +35,22 @@ def _opset(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def postprocess_qcdq(model: onnx.ModelProto, allow_int4: bool) -> onnx.ModelProto:
+def postprocess_qcdq(
+    model: onnx.ModelProto, allow_int4: bool, quantize_biases: bool = True
+) -> onnx.ModelProto:
+    """Apply the rewrites of the module docstring (3 only when ``quantize_biases``).
+
+    ``quantize_biases=False`` keeps float biases, for graphs whose PyTorch model adds
+    them in float (torch.ao's fake-quant models, :mod:`qtemperate.export.torch_ao`).
+    """
     inits = {i.name: i for i in model.graph.initializer}
     int4_needed = allow_int4 and _has_int4_weights(model, inits) and not _shared_dq_reshape(model, inits)
     if int4_needed and _opset(model) < INT4_OPSET:
         model = _upgrade_opset(model, INT4_OPSET)
     _fold_weight_clips(model, use_int4=int4_needed)
     _move_dq_below_order_preserving_ops(model)
-    _quantize_biases(model)
+    if quantize_biases:
+        _quantize_biases(model)
     _drop_zero_initializer_zero_points(model)
     _dedupe_initializers(model)
     _prune_initializers(model)

@@ -6,6 +6,7 @@ import re
 import statistics
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,9 +18,13 @@ import onnx
 import torch
 from torch import nn
 
+from qtemperate.errors import QtemperateWarning
 from qtemperate.export.onnx import model_device
+from qtemperate.quantization.torch_ao import frozen_observers
 
 __all__ = [
+    "DEPLOYED_AGREEMENT_FLOOR",
+    "DeployedAgreementWarning",
     "OutputAgreement",
     "OutputReport",
     "VerifyReport",
@@ -30,6 +35,14 @@ __all__ = [
     "ort_runner",
     "verify_onnx",
 ]
+
+DEPLOYED_AGREEMENT_FLOOR = 0.99
+"""A deployed (optimized-session) top-1 agreement below this is warned about by :func:`verify_onnx`."""
+
+
+class DeployedAgreementWarning(QtemperateWarning):
+    """The ONNX file a user would deploy disagrees with its PyTorch model on too many samples."""
+
 
 def _session(
     path: str | Path,
@@ -164,7 +177,8 @@ def compare_with_pytorch(
     model.eval()
     acc: dict[str, dict[str, _Accumulator]] = {r: {} for r in runners}
     try:
-        with torch.no_grad():
+        # a torch.ao fake-quant observes (and moves its scale) on every call, even in eval
+        with torch.no_grad(), frozen_observers(model):
             for x in _as_batches(inputs):
                 names, refs_t = flatten_outputs(model(x.to(device)))
                 refs = [r.detach().float().cpu().numpy() for r in refs_t]
@@ -217,6 +231,8 @@ class VerifyReport:
         graph_max_abs_diff: the same in the unoptimized session.
         graph_agreement: the same in the unoptimized session.
         outputs: per output name, both sessions.
+        warning: the :class:`DeployedAgreementWarning` message when ``top1_agreement``
+            is below :data:`DEPLOYED_AGREEMENT_FLOOR` (it names the figure), else ``None``.
     """
 
     max_abs_diff: float
@@ -225,6 +241,7 @@ class VerifyReport:
     graph_max_abs_diff: float = 0.0
     graph_agreement: float | None = None
     outputs: dict[str, OutputReport] = field(default_factory=dict)
+    warning: str | None = None
 
     @property
     def deployed_agreement(self) -> float | None:
@@ -261,6 +278,10 @@ def verify_onnx(
     around float ops): it shows whether the export is exact. The optimized session
     (``ORT_ENABLE_ALL``, onnxruntime's default) fuses the integer kernels a user runs;
     on x86 CPUs without VNNI those can saturate (:mod:`qtemperate.export.targets`).
+    A QAT-prepared torch.ao model runs with its observers frozen
+    (:func:`~qtemperate.quantization.torch_ao.frozen_observers`): the function exported,
+    unchanged by the check. Top-1 agreement is the fraction of samples whose argmax over
+    axis 1 is the same in onnxruntime and PyTorch (ties resolved to the first index).
 
     Args:
         path: ONNX file from :func:`export_onnx`.
@@ -271,6 +292,12 @@ def verify_onnx(
 
     Returns:
         A :class:`VerifyReport` (both sessions, per output).
+
+    Warns:
+        DeployedAgreementWarning: when an output's deployed top-1 agreement is below
+            :data:`DEPLOYED_AGREEMENT_FLOOR` (0.99), for any model (qtemperate's, stock
+            Brevitas, torch.ao, hand-written); the message (also in
+            :attr:`VerifyReport.warning`) gives the measured agreement per output.
     """
     res = compare_with_pytorch(
         model, inputs,
@@ -282,10 +309,42 @@ def verify_onnx(
     g_diff, g_agree = _worst(graph)
     n = next(iter(deployed.values())).n if deployed else 0
     outputs = {o: OutputReport(graph=graph[o], deployed=deployed[o]) for o in deployed}
+    warning = _agreement_warning(Path(path).name, outputs, n)
+    if warning is not None:
+        warnings.warn(warning, DeployedAgreementWarning, stacklevel=2)
     return VerifyReport(
         max_abs_diff=d_diff, top1_agreement=d_agree, n=n,
-        graph_max_abs_diff=g_diff, graph_agreement=g_agree, outputs=outputs,
+        graph_max_abs_diff=g_diff, graph_agreement=g_agree, outputs=outputs, warning=warning,
     )
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:.2f}%"
+
+
+def _agreement_warning(name: str, outputs: Mapping[str, OutputReport], n: int) -> str | None:
+    """The message for outputs whose deployed agreement is below the floor, or None.
+
+    It names each such output with its deployed and graph (unoptimized) agreement, and
+    says which of the two is at fault: when the graph agrees, onnxruntime's optimized
+    kernels are (int8 kernels that saturate on this CPU, a fusion that rounds a float
+    bias); otherwise the file itself computes another function than the model.
+    """
+    low = {o: r for o, r in outputs.items()
+           if r.deployed.agreement is not None and r.deployed.agreement < DEPLOYED_AGREEMENT_FLOOR}
+    if not low:
+        return None
+    worst = min(r.deployed.agreement for r in low.values())  # type: ignore[type-var]
+    graph_ok = all(r.graph.agreement is not None and r.graph.agreement >= DEPLOYED_AGREEMENT_FLOOR
+                   for r in low.values())
+    parts = ", ".join(f"{o!r} {_pct(r.deployed.agreement)} (graph {_pct(r.graph.agreement)})"
+                      for o, r in low.items())
+    why = ("the unoptimized graph agrees, so onnxruntime's optimized kernels are not exact "
+           "on this CPU" if graph_ok else
+           "the exported graph itself computes another function than the PyTorch model")
+    return (f"DEPLOYED AGREEMENT {_pct(worst)} < {DEPLOYED_AGREEMENT_FLOOR * 100:.0f}% "
+            f"(onnxruntime, optimized session): {name} vs the PyTorch model on {n} samples, "
+            f"top-1 agreement of output {parts}: {why}")
 
 
 def _input_shape(sess: Any, batch: int) -> tuple[int, ...]:

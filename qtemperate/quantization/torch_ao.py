@@ -16,6 +16,14 @@ Two kinds of torch.ao models are understood:
   have no ``nn.Parameter`` at all. Their bit widths cannot change (re-run ``convert``
   on a prepared model at other bits); :func:`set_ao_bit_width` says so.
 
+A QAT-prepared model below 8 bits is deployed through qtemperate, not through torch.ao's
+``convert``: ``convert`` / ``convert_fx`` keep a fake-quant's scale and zero point but not
+its range (weights saturate at ``qint8``'s [-128, 127], outputs at ``quint8``'s [0, 255]),
+so the model converted from a 4-bit one is another model (issue 20: 87.5 % / 89.1 % top-1
+agreement). :func:`set_ao_bit_width` warns about it, and
+:func:`~qtemperate.export.export_onnx` writes the prepared model itself as the exact QDQ
+graph of its fake-quants (:mod:`qtemperate.export.torch_ao`).
+
 The first/last-layer and input-quantizer policy is the one of
 :func:`~qtemperate.quantization.set_bit_width`: the first and last weight layers and the
 quantizer of the model input (``QuantStub`` / the first FX fake-quant) keep their bits.
@@ -24,6 +32,9 @@ quantizer of the model input (``QuantStub`` / the first FX fake-quant) keep thei
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +42,14 @@ from torch import fx, nn
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 
+from qtemperate.errors import QtemperateWarning
+
 __all__ = [
     "AoWeight",
     "ao_bit_widths",
     "ao_kind",
     "ao_weights",
+    "frozen_observers",
     "is_torch_ao",
     "range_bits",
     "set_ao_bit_width",
@@ -267,6 +281,10 @@ def _write_range(fq: nn.Module, bits: int, where: str) -> None:
 def set_ao_bit_width(model: nn.Module, weight_bits: int, act_bits: int) -> nn.Module:
     """Switch a QAT-prepared torch.ao model's fake-quant ranges in place (see module docstring).
 
+    Warns:
+        QtemperateWarning: when a range goes below 8 bits, that torch.ao's ``convert``
+            drops it (deploy with :func:`~qtemperate.export.export_onnx` instead).
+
     Raises:
         ValueError: for a converted model (packed weights cannot change width), a model
             prepared for post-training quantization (observers only), or a bit width wider
@@ -314,20 +332,60 @@ def set_ao_bit_width(model: nn.Module, weight_bits: int, act_bits: int) -> nn.Mo
             )
     for fq, bits, where in changes:
         _write_range(fq, bits, where)
+    narrow = "/".join(str(b) for b in sorted({bits for _, bits, _ in changes if bits < 8}))
+    if narrow:
+        warnings.warn(
+            f"torch.ao's convert / convert_fx keep the scales of these {narrow}-bit fake-quants "
+            "but not their ranges (weights saturate at qint8's [-128, 127], activations at "
+            "quint8's [0, 255]): the converted model is not the model trained; deploy the "
+            "prepared model with qtemperate.export_onnx (the exact QDQ graph of its fake-quants)",
+            QtemperateWarning,
+            stacklevel=3,
+        )
     return model
 
 
-def check_ao_exportable(model: nn.Module) -> None:
-    """Refuse a QAT-prepared torch.ao model for ONNX export, saying what to do instead.
+@contextmanager
+def frozen_observers(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a torch.ao QAT model as one fixed function: its fake-quants stop observing.
 
-    Its fake-quant modules are training-time simulations (a 7-bit ``reduce_range``
-    range has no ONNX ``QuantizeLinear`` form); the deployable model is the converted one,
-    which :func:`~qtemperate.export.export_onnx` exports as integer ONNX operators.
+    A ``FakeQuantize`` observes every forward pass, in train *and* eval mode, while its
+    ``observer_enabled`` flag is set, and re-derives its scale from a moving min/max: two
+    calls on the same batch then differ, and a verification would compare a file with a
+    model that moved while it was checked. Inside the block every fake-quant's observer
+    is off (``disable_observer``); the flags are restored after. Any other model is
+    yielded untouched.
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for m in model.modules():
+        if isinstance(m, FakeQuantizeBase):
+            # FakeQuantize keeps the flag in observer_enabled, _LearnableFakeQuantize in static_enabled
+            for attr in ("observer_enabled", "static_enabled"):
+                flag = getattr(m, attr, None)
+                if isinstance(flag, torch.Tensor):
+                    saved.append((flag, flag.clone()))
+            m.disable_observer()
+    try:
+        yield model
+    finally:
+        for flag, value in saved:
+            flag.copy_(value)
+
+
+def check_ao_exportable(model: nn.Module) -> None:
+    """Refuse a torch.ao model prepared for post-training quantization (observers only).
+
+    Its forward runs in float (observers only record ranges), so an export would be a
+    float model; it becomes an integer model only through ``convert``. QAT-prepared
+    models (fake-quant modules) are exported as the exact QDQ graph of their fake-quants
+    (:mod:`qtemperate.export.torch_ao`); converted ones as integer ONNX operators.
 
     Raises:
-        ValueError: for a prepared model.
+        ValueError: for an observer-only prepared model.
     """
-    if ao_kind(model) == "prepared":
+    if ao_kind(model) == "prepared" and not any(
+        isinstance(m, FakeQuantizeBase) for m in model.modules()
+    ):
         fx_model = isinstance(model, fx.GraphModule)
         convert = (
             "torch.ao.quantization.quantize_fx.convert_fx(model.eval())"
@@ -335,6 +393,7 @@ def check_ao_exportable(model: nn.Module) -> None:
             else "torch.ao.quantization.convert(model.eval())"
         )
         raise ValueError(
-            "this is a torch.ao model prepared for quantization (fake-quant / observer "
-            f"modules): convert it first with {convert} and export the converted model"
+            "this torch.ao model is prepared for post-training quantization (observers, no "
+            "fake-quant): its forward runs in float; calibrate it, convert it with "
+            f"{convert} and export the converted model"
         )

@@ -22,6 +22,7 @@ from qtemperate.export import (
 )
 from qtemperate.models import build_model
 from qtemperate.quantization import quantize, set_bit_width
+from tests.onnx_helpers import check_agreement_warning
 
 torch.set_num_threads(1)
 
@@ -79,6 +80,22 @@ def test_int8_export_runs_integer_kernels_with_int32_bias(tmp_path, digits, trai
     assert ops["QLinearAdd"] == 1
     assert ops["QGemm"] == 1
     assert ops["Conv"] == 0 and ops["FusedConv"] == 0 and ops["Gemm"] == 0
+
+
+@pytest.mark.parametrize("kind", ["hand-written float", "qtemperate int8"])
+def test_verify_warns_below_99_percent_for_any_model(kind, tmp_path, digits, trained) -> None:
+    """253/256 agreeing samples warn (98.83 % in the message and the report), 254/256 do not.
+
+    (torch.ao eager/FX: tests/export/test_torch_ao.py; stock Brevitas: tests/quantization/test_foreign.py.)
+    """
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+        if kind == "hand-written float"
+        else trained[1]
+    )
+    path = export_onnx(model, tmp_path / "m.onnx", digits[2][:1])
+    check_agreement_warning(path, model, digits[2], tmp_path)
 
 
 def test_float_export_matches_pytorch(tmp_path, digits, trained) -> None:

@@ -33,6 +33,7 @@ from qtemperate.quantization import (
     set_bit_width,
 )
 from qtemperate.size import model_size
+from tests.onnx_helpers import check_agreement_warning
 from tests.quantization.checks import independent_bytes
 
 torch.set_num_threads(1)
@@ -164,7 +165,11 @@ def test_exported_onnx_agrees_at_4_bits(digits, tmp_path) -> None:  # type: igno
     set_bit_width(m, 4, 4)
     path = export_onnx(m, tmp_path / "user.onnx", digits[2][:1])
     rep = verify_onnx(path, m, digits[2][:256])
-    assert rep.top1_agreement == 1.0 and rep.max_abs_diff < 1e-3
+    # logits equal to float rounding (max|d| < 1e-3); a logit near-tie may still flip its
+    # argmax on one sample (main failed `== 1.0` at 0.9961 here with max|d| 4.8e-7)
+    assert rep.top1_agreement >= 0.99 and rep.max_abs_diff < 1e-3
+    assert rep.warning is None
+    check_agreement_warning(path, m, digits[2], tmp_path)  # 98.83 % warns, 99.22 % does not
 
 
 def test_quantize_points_at_a_working_set_bit_width() -> None:

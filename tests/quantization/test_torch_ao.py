@@ -1,9 +1,11 @@
 """torch.ao QAT models (eager ``prepare_qat``, FX ``prepare_qat_fx``, converted): understood or refused.
 
 ``model_size`` reads fake-quant ranges (prepared) and packed weights (converted),
-``set_bit_width`` rewrites fake-quant ranges (prepared) or refuses (converted), export of a
-prepared model says to convert it, a converted model exports and verifies, and nothing
-ends in a bare ``StopIteration``.
+``set_bit_width`` rewrites fake-quant ranges (prepared, warning that ``convert`` drops
+sub-8-bit ranges) or refuses (converted), export of a model prepared for post-training
+quantization says to convert it, a converted model exports and verifies, and nothing
+ends in a bare ``StopIteration``. The QDQ export of QAT-prepared models is tested in
+``tests/export/test_torch_ao.py``.
 """
 
 from __future__ import annotations
@@ -14,70 +16,29 @@ import math
 import pytest
 import torch
 import torch.ao.quantization as tq
-import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import quantize_fx
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
+from qtemperate.errors import QtemperateWarning
 from qtemperate.export import export_onnx, verify_onnx
 from qtemperate.quantization import get_bit_widths, quantize, set_bit_width
 from qtemperate.size import model_size
+from tests.ao_helpers import AoNet, prepared_ao, train_ao
 
 torch.set_num_threads(1)
 # torch.ao's own deprecation notices (reduce_range, quantized tensor creation)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-class AoNet(nn.Module):
-    """conv-bn-relu x2, pool, fc; QuantStub/DeQuantStub for the eager flow."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.quant = tq.QuantStub()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, 10)
-        self.dequant = tq.DeQuantStub()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.bn1(self.conv1(self.quant(x))))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        return self.dequant(self.fc(torch.flatten(self.pool(x), 1)))
-
-
-def _train(model: nn.Module, digits, steps: int = 30) -> nn.Module:  # type: ignore[no-untyped-def]
-    xtr, ytr, _, _ = digits
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(ytr), (64,), generator=torch.Generator().manual_seed(step))
-        loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
-
-
 @pytest.fixture(scope="module")
 def eager(digits) -> nn.Module:  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    m = AoNet().train()
-    m.qconfig = tq.get_default_qat_qconfig("x86")
-    tq.fuse_modules_qat(m, [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu2"]], inplace=True)
-    return _train(tq.prepare_qat(m), digits)
+    return prepared_ao("eager", digits)
 
 
 @pytest.fixture(scope="module")
 def fx_prepared(digits) -> nn.Module:  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-    m = AoNet().train()
-    p = quantize_fx.prepare_qat_fx(m, tq.get_default_qat_qconfig_mapping("x86"), (digits[0][:1],))
-    return _train(p, digits)
+    return prepared_ao("fx", digits)
 
 
 def _bits(fq: nn.Module) -> int:
@@ -128,7 +89,8 @@ def test_prepared_sizes_read_fake_quant_ranges(flow: str, eager, fx_prepared) ->
 def test_set_bit_width_rewrites_fake_quant_ranges(flow: str, eager, fx_prepared, digits) -> None:  # type: ignore[no-untyped-def]
     model = copy.deepcopy(eager if flow == "eager" else fx_prepared)
     before = get_bit_widths(model)
-    set_bit_width(model, 4, 4)
+    with pytest.warns(QtemperateWarning, match=r"convert.*not the model trained.*export_onnx"):
+        set_bit_width(model, 4, 4)
     after = get_bit_widths(model)
     # the inner conv switches; first conv and classifier keep theirs; so does the input quantizer
     assert after["conv2"]["weight"] == 4 and before["conv2"]["weight"] == 8
@@ -150,7 +112,7 @@ def test_set_bit_width_rewrites_fake_quant_ranges(flow: str, eager, fx_prepared,
         w = model.conv2.weight_fake_quant(model.conv2.weight)
         scale = model.conv2.weight_fake_quant.scale.view(-1, 1, 1, 1)
     assert torch.unique(torch.round(w / scale)).numel() <= 16
-    _train(model, digits, steps=3)
+    train_ao(model, digits, steps=3)
     assert model_size(model).bits["conv2"] == 4
 
 
@@ -176,13 +138,20 @@ def test_converted_models_size_refuse_bits_export_and_verify(
 
 
 @pytest.mark.parametrize("flow", ["eager", "fx"])
-def test_exporting_a_prepared_model_says_to_convert_it(
-    flow: str, eager, fx_prepared, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
-    model = eager if flow == "eager" else fx_prepared
+def test_exporting_a_model_prepared_for_ptq_says_to_convert_it(flow: str, tmp_path) -> None:
+    """Observers only: its forward is float, so its export would not be the quantized model.
+    (QAT-prepared models export as QDQ graphs: tests/export/test_torch_ao.py.)"""
+    x = torch.randn(8, 1, 8, 8)
+    if flow == "eager":
+        m = AoNet().eval()
+        m.qconfig = tq.get_default_qconfig("x86")
+        prepared = tq.prepare(m)
+    else:
+        prepared = quantize_fx.prepare_fx(AoNet().eval(), tq.get_default_qconfig_mapping("x86"), (x[:1],))
     what = "convert_fx" if flow == "fx" else "torch.ao.quantization.convert"
-    with pytest.raises(ValueError, match=f"prepared for quantization.*{what}"):
-        export_onnx(model, tmp_path / "prepared.onnx", torch.randn(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=f"post-training quantization.*{what}"):
+        export_onnx(prepared, tmp_path / "prepared.onnx", x[:1])
+    assert not (tmp_path / "prepared.onnx").exists()
 
 
 def test_quantize_refuses_a_torch_ao_model_and_says_what_works(eager) -> None:  # type: ignore[no-untyped-def]
