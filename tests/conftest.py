@@ -14,6 +14,31 @@ os.environ.pop("WANDB_API_KEY", None)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def _torchvision_ops_schemas() -> None:
+    """Environment workaround, tests and bench only: PyPI's torchvision wheel is a CUDA build
+    whose native ops cannot load beside the CPU torch wheel, and ``import torchvision`` (which
+    timm and Lightning do) then dies with ``operator torchvision::nms does not exist``. Declaring
+    the two operator schemas its fake-tensor registrations need lets the Python package import;
+    its detection ops keep no kernel and fail loudly if called. qtemperate never imports it."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - the native library loaded: nothing to do
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _KEEP.append(lib)
+
+
+_KEEP: list[object] = []
+_torchvision_ops_schemas()
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
