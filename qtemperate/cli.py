@@ -276,23 +276,39 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from qtemperate.compare import compare_runs, format_table, log_comparison, pareto_plot
 
-    rows = compare_runs(args.run_dirs, allow_mixed=args.allow_mixed)
-    print(format_table(rows))
+    axis = _pareto_axis(args)
+    rows = compare_runs(args.run_dirs, allow_mixed=args.allow_mixed, **axis)
+    print(format_table(rows, **axis))
     out = None
     if not args.no_plot:
         _need_matplotlib("the Pareto plot (or pass --no-plot)")
-        out = pareto_plot(rows, args.out)
+        out = pareto_plot(rows, args.out, x=axis["pareto_over"], runtime=axis["runtime"], batch=axis["batch"])
         print(f"pareto plot: {out}")
     if args.log_to_wandb:
         if args.offline:
             os.environ["WANDB_MODE"] = "offline"
         wandb_dir = Path(args.wandb_dir) if args.wandb_dir else Path(args.out).resolve().parent
         lg = log_comparison(rows, out, wandb_dir, project=args.project, group=args.group,
-                            name=args.name or "comparison")
+                            name=args.name or "comparison", **axis)
         if lg.run_file is None:
             raise UsageError("--log-to-wandb: W&B could not start a run (see the warning above)")
         print(f"comparison logged to W&B: {lg.url or lg.run_file}")
     return 0
+
+
+def _pareto_axis(args: argparse.Namespace) -> dict[str, str]:
+    """``--pareto-over`` / ``--latency-runtime`` / ``--latency-batch`` as compare's keywords."""
+    return {"pareto_over": args.pareto_over, "runtime": args.latency_runtime, "batch": args.latency_batch}
+
+
+def _add_pareto_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pareto-over", choices=["size", "latency"], default="size",
+                        help="the front's axis beside accuracy: compression ratio, or the deployed student's "
+                        "latency (default size)")
+    parser.add_argument("--latency-runtime", choices=["ort", "openvino"], default="ort",
+                        help="with --pareto-over latency: onnxruntime (ort, default) or OpenVINO")
+    parser.add_argument("--latency-batch", choices=["1", "max"], default="1",
+                        help="with --pareto-over latency: batch 1 (default) or the largest batch timed")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -331,7 +347,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _warn(validation_warnings(base))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProtocolWarning)
-        run_sweep(sweep, progress=not args.no_progress)
+        run_sweep(sweep, progress=not args.no_progress, **_pareto_axis(args))
     failed = [p for p in sweep.points if p.status == "failed"]
     if failed:
         print(f"qtemperate: {len(failed)} point(s) diverged: {', '.join(p.run_dir.name for p in failed)}",
@@ -391,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--plot", metavar="PNG", help="draw temperatures and bits per epoch (no validation feedback)")
     pl.set_defaults(func=cmd_plan)
 
-    c = sub.add_parser("compare", help="table and size-vs-accuracy Pareto plot of runs (folders, W&B files, "
-                       "or entity/project[/group] online)")
+    c = sub.add_parser("compare", help="table and size- or latency-vs-accuracy Pareto plot of runs (folders, "
+                       "W&B files, or entity/project[/group] online)")
     c.add_argument("run_dirs", nargs="+", metavar="SOURCE",
                    help="a run folder, a W&B run folder/file (offline), or [wandb:]entity/project[/group]")
     c.add_argument("--out", default="pareto.png")
@@ -405,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", help="W&B run name of --log-to-wandb (default: comparison)")
     c.add_argument("--wandb-dir", help="folder of the W&B run files (default: the plot's folder)")
     c.add_argument("--offline", action="store_true", help="force W&B offline mode")
+    _add_pareto_options(c)
     c.set_defaults(func=cmd_compare)
 
     sw = sub.add_parser("sweep", help="run a recipe over a grid of --set values (one W&B group), then compare")
@@ -419,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--entity", help="W&B entity of --wandb-sweep")
     sw.add_argument("--offline", action="store_true", help="force W&B offline mode")
     sw.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_pareto_options(sw)
     sw.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser("export", help="re-export a run's student to ONNX, verify and time it")

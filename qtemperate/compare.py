@@ -1,7 +1,12 @@
-"""Comparing finished runs: a size-vs-accuracy table, its Pareto front, the plot, re-export.
+"""Comparing finished runs: a size/speed-vs-accuracy table, its Pareto front, the plot, re-export.
 
-A run is Pareto-optimal when no other run is both smaller (``compression_ratio``)
-and at least as accurate (``student_acc``), with one of the two strictly better.
+A run is Pareto-optimal when no other run is both cheaper and at least as accurate
+(``student_acc``), with one of the two strictly better. The cost is the size
+(``compression_ratio``, ``pareto_over="size"``) or the deployed student's latency
+(``pareto_over="latency"``: ``student_<runtime>_ms_<batch>``, onnxruntime at batch 1 by
+default, :mod:`qtemperate.export.speed`); runs without that latency are left off the
+front and named. Latencies are compared only between runs timed on one CPU
+(``target_cpu``) at one batch size.
 
 Where runs come from (one argument each, :func:`load_runs`):
 
@@ -30,11 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from qtemperate.cli import UsageError
+from qtemperate.errors import QtemperateWarning
+from qtemperate.export.speed import RUNTIMES, speed_key
 from qtemperate.tracking.keys import flat_summary
 from qtemperate.tracking.tradeoff import TRADEOFF_COLUMNS, dataset_label, tradeoff_record
 
 __all__ = [
     "COMPARE_COLUMNS",
+    "PARETO_AXES",
     "NotARunError",
     "compare_runs",
     "export_run",
@@ -47,6 +55,8 @@ __all__ = [
 
 COMPARE_COLUMNS = [*TRADEOFF_COLUMNS, "source", "pareto"]
 """Columns of a comparison row (the ``tradeoff`` columns, where it was read, the flag)."""
+PARETO_AXES = ("size", "latency")
+"""What a front minimizes beside maximizing accuracy (``--pareto-over``)."""
 
 
 class NotARunError(UsageError, FileNotFoundError):
@@ -162,7 +172,11 @@ def load_runs(sources: Sequence[str | Path], api: Any = None) -> list[tuple[str,
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
-    """Flags of the points ``(size, accuracy)`` that no other point dominates."""
+    """Flags of the points ``(cost, accuracy)`` that no other point dominates.
+
+    Point ``j`` dominates ``i`` when ``cost_j <= cost_i`` and ``acc_j >= acc_i`` with one
+    of the two strict; the cost is a size or a latency (lower is better).
+    """
     flags = []
     for i, (si, ai) in enumerate(points):
         dominated = any(
@@ -185,6 +199,40 @@ def _teacher_key(row: dict[str, Any]) -> str:
     return f"{row.get('teacher') or '?'} (teacher acc {row['teacher_acc']:.4f}, no fingerprint)"
 
 
+def _cpu_key(row: dict[str, Any]) -> str:
+    return str(row.get("target_cpu") or "? (CPU not recorded)")
+
+
+def _batch_key(row: dict[str, Any]) -> str:
+    return f"batch {row.get('latency_max_batch')}"
+
+
+def _x_key(pareto_over: str = "size", runtime: str = "ort", batch: str = "1") -> str:
+    """The row column a front minimizes: ``compression_ratio`` or ``student_<runtime>_ms_<b>``.
+
+    Raises:
+        UsageError: naming ``pareto_over``, ``runtime`` or ``batch`` when it is not one
+            of :data:`PARETO_AXES`, ``ort``/``openvino``, ``1``/``max``.
+    """
+    if pareto_over == "size":
+        return "compression_ratio"
+    if pareto_over != "latency":
+        raise UsageError(f"--pareto-over {pareto_over!r}: expected one of {', '.join(PARETO_AXES)}")
+    if runtime not in RUNTIMES:
+        raise UsageError(f"--latency-runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+    if str(batch) not in ("1", "max", "b1", "bmax"):
+        raise UsageError(f"--latency-batch {batch!r}: expected 1 or max")
+    return speed_key("student", runtime, batch)
+
+
+def _group_key(row: dict[str, Any], xk: str) -> tuple[str, ...]:
+    """Runs on one front: one dataset and teacher; for a latency, one CPU and batch size."""
+    key = (_dataset_key(row), _teacher_key(row))
+    if xk != "compression_ratio":
+        key += (_cpu_key(row),) + ((_batch_key(row),) if xk.endswith("_bmax") else ())
+    return key
+
+
 def _mixed(rows: Sequence[dict[str, Any]], key: Any, what: str) -> str | None:
     groups: dict[str, list[str]] = {}
     for r in rows:
@@ -196,21 +244,36 @@ def _mixed(rows: Sequence[dict[str, Any]], key: Any, what: str) -> str | None:
 
 
 def compare_runs(
-    run_dirs: Sequence[str | Path], allow_mixed: bool = False, api: Any = None
+    run_dirs: Sequence[str | Path],
+    allow_mixed: bool = False,
+    api: Any = None,
+    pareto_over: str = "size",
+    runtime: str = "ort",
+    batch: str = "1",
 ) -> list[dict[str, Any]]:
-    """One row per run (:data:`COMPARE_COLUMNS`, sorted by size) with a ``pareto`` flag.
+    """One row per run (:data:`COMPARE_COLUMNS`, sorted by the front's cost) with a ``pareto`` flag.
 
     Args:
         run_dirs: Sources as :func:`load_runs` reads them.
-        allow_mixed: Accept runs of different datasets/test sets or teachers; each
-            (dataset, teacher) group then gets its own front.
+        allow_mixed: Accept runs of different datasets/test sets or teachers (and, over
+            latency, CPUs or largest batches); each group then gets its own front.
         api: A ``wandb.Api``-like object for online sources.
+        pareto_over: ``"size"`` (``compression_ratio``) or ``"latency"`` (the deployed
+            student's ``student_<runtime>_ms_<batch>``).
+        runtime: Over latency: ``"ort"`` (onnxruntime) or ``"openvino"``.
+        batch: Over latency: ``"1"`` or ``"max"`` (the largest batch timed).
+
+    Returns:
+        The rows; over latency a run without that latency has ``pareto = None`` (it is
+        on no front, and a :class:`~qtemperate.errors.QtemperateWarning` names it).
 
     Raises:
         NotARunError: a source without a finished run.
-        UsageError: runs of different datasets or teachers without ``allow_mixed``
-            (naming them).
+        UsageError: runs of different datasets or teachers (over latency: CPUs or
+            largest batches) without ``allow_mixed``, naming them; over latency, no run
+            with that latency; a bad ``pareto_over``/``runtime``/``batch``.
     """
+    xk = _x_key(pareto_over, runtime, batch)
     rows = []
     for name, source, flat in load_runs(run_dirs, api=api):
         try:
@@ -218,40 +281,124 @@ def compare_runs(
         except KeyError as exc:
             raise NotARunError(f"{source}: summary has no {exc.args[0]} (not a qtemperate run summary)") from None
         rows.append({**row, "source": source})
+    timed = [r for r in rows if r.get(xk) is not None]
+    if not timed:
+        raise UsageError(f"--pareto-over latency: no run has {xk} (the deployed student timed in "
+                         f"{_runtime_of(xk)}); compare over size or another --latency-runtime/--latency-batch")
+    untimed = [r["run"] for r in rows if r.get(xk) is None]
+    if untimed:
+        warnings.warn(f"not on the latency front (no {xk}): {', '.join(map(str, untimed))}",
+                      QtemperateWarning, stacklevel=2)
     problems = [p for p in (_mixed(rows, _dataset_key, "datasets"), _mixed(rows, _teacher_key, "teachers")) if p]
+    what = "one dataset and one teacher"
+    if xk != "compression_ratio":
+        problems += [p for p in (_mixed(timed, _cpu_key, "CPUs"),) if p]
+        what += ", timed on one CPU"
+        if xk.endswith("_bmax"):
+            problems += [p for p in (_mixed(timed, _batch_key, "largest batch sizes"),) if p]
+            what += " at one batch size"
     if problems and not allow_mixed:
         raise UsageError(
-            "; and ".join(problems) + " — a front compares students of one dataset and one teacher; "
+            "; and ".join(problems) + f" — a front compares students of {what}; "
             "pass --allow-mixed (allow_mixed=True) to draw one front per group"
         )
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((_dataset_key(r), _teacher_key(r)), []).append(r)
+        r["pareto"] = None
+    for r in timed:
+        groups.setdefault(_group_key(r, xk), []).append(r)
     for members in groups.values():
-        for r, f in zip(members, pareto_front([(m["compression_ratio"], m["student_acc"]) for m in members])):
+        for r, f in zip(members, pareto_front([(m[xk], m["student_acc"]) for m in members])):
             r["pareto"] = f
-    return sorted(rows, key=lambda r: r["compression_ratio"])
+    return sorted(rows, key=lambda r: (r.get(xk) is None, r.get(xk) or 0.0, r["compression_ratio"]))
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The comparison as aligned text (what ``qtemperate compare`` prints)."""
+def _runtime_of(xk: str, rows: Sequence[dict[str, Any]] = ()) -> str:
+    """``onnxruntime at batch 1``, ``OpenVINO at batch 64``: where a latency column was timed."""
+    rt = next((t for t in RUNTIMES if f"_{t}_" in xk), "ort")
+    bm = _uniform_max_batch(rows)
+    batch = "batch 1" if xk.endswith("_b1") else (f"batch {bm[1:]}" if bm != "bmax" else "the largest batch")
+    return f"{RUNTIMES[rt]} at {batch}"
+
+
+def _uniform_max_batch(rows: Sequence[dict[str, Any]]) -> str:
+    """``b64`` when every timed run's largest batch is 64, else ``bmax``."""
+    sizes = {r.get("latency_max_batch") for r in rows if r.get("latency_max_batch") is not None}
+    return f"b{sizes.pop()}" if len(sizes) == 1 else "bmax"
+
+
+def _speed_columns(rows: Sequence[dict[str, Any]], xk: str | None) -> list[tuple[str, str, str]]:
+    """``(header, row key, format)`` of the speed columns some row has a value for."""
+    bm = _uniform_max_batch(rows)
+    cols = []
+    for rt, tag in (("ort", "ort"), ("openvino", "ov")):
+        group = [(f"{tag} ms b1", speed_key("student", rt, "b1"), ".3f")]
+        if xk == speed_key("student", rt, "bmax"):  # the front's axis is shown
+            group.append((f"{tag} ms {bm}", xk, ".3f"))
+        group += [(f"{tag} xT b1", speed_key("speedup", rt, "b1"), ".2f"),
+                  (f"{tag} xT {bm}", speed_key("speedup", rt, "bmax"), ".2f")]
+        if any(r.get(k) is not None for r in rows for _, k, _ in group):
+            cols += group
+    return cols
+
+
+def format_table(rows: Sequence[dict[str, Any]], pareto_over: str = "size", runtime: str = "ort",
+                 batch: str = "1") -> str:
+    """The comparison as aligned text (what ``qtemperate compare`` prints).
+
+    Size and accuracy, then the deployed student's latency and speed-up over the float
+    teacher (``xT = teacher ms / student ms``, same runtime and batch) for each runtime
+    some run was timed in, and the Pareto flag (``*`` on the front, ``-`` left off it
+    for lack of the front's latency). A legend line names the axis of the front.
+    """
+    xk = _x_key(pareto_over, runtime, batch)
+    speed = _speed_columns(rows, xk)
     w = max([32, *(len(str(r["run"])) + 2 for r in rows)])
-    lines = [f"{'run':<{w}}{'teacher':>9}{'student':>9}{'drop':>8}{'ratio':>9}{'KiB':>10}{'b1 ms':>9}{'pareto':>8}"]
+    sw = max([9, *(len(h) + 2 for h, _, _ in speed)])
+    head = f"{'run':<{w}}{'teacher':>9}{'student':>9}{'drop':>8}{'ratio':>9}{'KiB':>10}"
+    lines = [head + "".join(f"{h:>{sw}}" for h, _, _ in speed) + f"{'pareto':>8}"]
     for r in rows:
-        lat = r.get("latency_b1_ms")
+        cells = "".join(f"{(format(r[k], f) if r.get(k) is not None else '-'):>{sw}}" for _, k, f in speed)
+        flag = {True: "*", False: "", None: "-"}[r.get("pareto")]
         lines.append(
             f"{r['run']:<{w}}{r['teacher_acc']:>9.4f}{r['student_acc']:>9.4f}{r['acc_drop'] * 100:>7.2f}%"
-            f"{r['compression_ratio']:>9.4f}{r['student_bytes'] / 1024:>10.1f}"
-            f"{(f'{lat:.3f}' if lat is not None else '-'):>9}{('*' if r['pareto'] else ''):>8}"
+            f"{r['compression_ratio']:>9.4f}{r['student_bytes'] / 1024:>10.1f}{cells}{flag:>8}"
         )
-    return "\n".join(lines)
+    front = "size (compression_ratio)" if xk == "compression_ratio" else f"latency ({xk})"
+    legend = f"pareto: front over {front} and student accuracy"
+    if speed:
+        legend += ("; ms: the deployed student (student_int8.onnx, or student.onnx at W8A8); "
+                   "xT: float teacher ms / student ms in the same runtime and batch; ort: onnxruntime, "
+                   "ov: OpenVINO")
+    return "\n".join([*lines, legend])
 
 
-def pareto_plot(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
-    """Scatter of accuracy vs compression ratio, each front joined by a line; writes a PNG.
+def pareto_plot(
+    rows: Sequence[dict[str, Any]],
+    out: str | Path,
+    x: str = "size",
+    runtime: str = "ort",
+    batch: str = "1",
+) -> Path:
+    """Scatter of accuracy vs size or latency, each front joined by a line; writes a PNG.
 
-    Runs of different (dataset, teacher) groups (``allow_mixed``) get their own marker
-    and front; each teacher's accuracy is a dashed line.
+    Args:
+        rows: :func:`compare_runs`'s rows.
+        out: The PNG to write (folders are created).
+        x: ``"size"`` (student bytes / teacher float bytes) or ``"latency"`` (the
+            deployed student's ms per batch, ``student_<runtime>_ms_<batch>``).
+        runtime: Over latency: ``"ort"`` or ``"openvino"``.
+        batch: Over latency: ``"1"`` or ``"max"``.
+
+    The front is computed here on the axis drawn (:func:`pareto_front` per group), so it
+    holds whatever axis ``rows`` were flagged on. Runs of different groups
+    (``allow_mixed``: dataset, teacher and, over latency, CPU) get their own marker and
+    front; each teacher's accuracy is a dashed line, and over latency its latency in the
+    same runtime and batch a dashed vertical line. Runs without the latency are not
+    drawn; a note in the figure names them.
+
+    Raises:
+        UsageError: over latency, when no run has that latency.
     """
     import matplotlib
 
@@ -259,42 +406,62 @@ def pareto_plot(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
+    xk = _x_key(x, runtime, batch)
+    drawn = [r for r in rows if r.get(xk) is not None]
+    left_out = [str(r["run"]) for r in rows if r.get(xk) is None]
+    if not drawn:
+        raise UsageError(f"the Pareto plot over latency: no run has {xk} (the deployed student timed in "
+                         f"{_runtime_of(xk)})")
     out = Path(out)
     fig, ax = plt.subplots(figsize=(7.6, 4.8), dpi=120)
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((_dataset_key(r), _teacher_key(r)), []).append(r)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in drawn:
+        groups.setdefault(_group_key(r, xk), []).append(r)
     markers = "osD^vP*X"
-    for g, ((dkey, tkey), members) in enumerate(groups.items()):
-        xs = [r["compression_ratio"] for r in members]
+    for g, (gkey, members) in enumerate(groups.items()):
+        xs = [float(r[xk]) for r in members]
         ys = [r["student_acc"] * 100 for r in members]
-        colors = ["tab:red" if r["pareto"] else "tab:gray" for r in members]
+        flags = pareto_front(list(zip(xs, ys)))
+        colors = ["tab:red" if f else "tab:gray" for f in flags]
         ax.scatter(xs, ys, c=colors, marker=markers[g % len(markers)], zorder=3)
         labels: dict[tuple[float, float], list[str]] = {}  # runs on the same point share one label
-        for r, x, y in zip(members, xs, ys):
-            labels.setdefault((x, y), []).append(str(r["run"]))
-        for (x, y), names in labels.items():
+        for r, px, py in zip(members, xs, ys):
+            labels.setdefault((px, py), []).append(str(r["run"]))
+        for (px, py), names in labels.items():
             text = ", ".join(n if len(n) <= 28 else n[:27] + "…" for n in names)
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6.5)
-        front = sorted((x, y) for r, x, y in zip(members, xs, ys) if r["pareto"])
-        label = "Pareto front" if len(groups) == 1 else f"front: {dkey}, {tkey}"[:70]
+            ax.annotate(text, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=6.5)
+        front = sorted((px, py) for f, px, py in zip(flags, xs, ys) if f)
+        label = "Pareto front" if len(groups) == 1 else ("front: " + ", ".join(gkey))[:70]
         if len(front) > 1:
             ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", lw=1,
                     ls="-" if g == 0 else (0, (4, 2 + g)), label=label)
-    for t in {r["teacher_acc"] for r in rows}:
+    for t in {r["teacher_acc"] for r in drawn}:
         ax.axhline(t * 100, color="tab:blue", ls="--", lw=0.8)
+    xs_all = [float(r[xk]) for r in drawn]
+    if xk != "compression_ratio":
+        tk = xk.replace("student_", "teacher_", 1)
+        for t in {r[tk] for r in drawn if r.get(tk) is not None}:
+            ax.axvline(t, color="tab:blue", ls="--", lw=0.8)
+            xs_all.append(float(t))
+    if left_out:
+        ax.text(0.01, 0.01, f"not drawn (no {xk}): {', '.join(left_out)}"[:120], transform=ax.transAxes,
+                fontsize=6.5, color="tab:gray", va="bottom")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=7)
-    ratios = [r["compression_ratio"] for r in rows]
-    log = max(ratios) / max(min(ratios), 1e-12) > 10  # a log axis only when sizes span a decade
+    log = max(xs_all) / max(min(xs_all), 1e-12) > 10  # a log axis only when the values span a decade
     if log:
         ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.margins(x=0.25, y=0.12)
-    ax.set_xlabel("student bytes / teacher float bytes" + (" (log)" if log else ""))
+    if xk == "compression_ratio":
+        ax.set_xlabel("student bytes / teacher float bytes" + (" (log)" if log else ""))
+        ax.set_title("qtemperate: size vs accuracy (dashed: teacher)")
+    else:
+        ax.set_xlabel(f"deployed student latency, ms per batch ({_runtime_of(xk, drawn)})"
+                      + (" (log)" if log else ""))
+        ax.set_title("qtemperate: latency vs accuracy (dashed: teacher)")
     ax.set_ylabel("student top-1 accuracy (%)")
-    ax.set_title("qtemperate: size vs accuracy (dashed: teacher)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,13 +479,18 @@ def log_comparison(
     name: str = "comparison",
     mode: str = "auto",
     tags: Sequence[str] = (),
+    pareto_over: str = "size",
+    runtime: str = "ort",
+    batch: str = "1",
 ) -> Any:
     """Log a comparison to W&B as a report-ready run of its own (``job_type: compare``).
 
     The run holds the ``comparison`` table (:data:`COMPARE_COLUMNS`), a W&B scatter
-    chart of ``student_acc`` against ``compression_ratio`` (``pareto_scatter``), the
+    chart of ``student_acc`` against the front's axis (``pareto_scatter``:
+    ``compression_ratio``, or over latency ``student_<runtime>_ms_<batch>``), the
     Pareto plot image (``pareto``) and a summary (``runs``, ``pareto_runs``,
-    ``best_student_acc``, ``smallest_compression_ratio``). Offline it lands in
+    ``pareto_x``, ``best_student_acc``, ``smallest_compression_ratio``, and
+    ``fastest_student_ms`` over latency). Offline it lands in
     ``run_dir/wandb/offline-run-*``.
 
     Returns:
@@ -327,6 +499,7 @@ def log_comparison(
     """
     from qtemperate.tracking.wandb_logger import WandbLogger
 
+    xk = _x_key(pareto_over, runtime, batch)
     lg = WandbLogger(
         project, run_dir, group=group, name=name, mode=mode, tags=["comparison", *tags],
         config={"runs": [r["run"] for r in rows], "sources": [r.get("source") for r in rows]},
@@ -334,16 +507,21 @@ def log_comparison(
     )
     data = [[r.get(c) for c in COMPARE_COLUMNS] for r in rows]
     lg.log_table("comparison", list(COMPARE_COLUMNS), data)
-    lg.log_scatter("pareto_scatter", list(COMPARE_COLUMNS), data, "compression_ratio", "student_acc",
-                   title="student accuracy vs compression ratio")
+    lg.log_scatter("pareto_scatter", list(COMPARE_COLUMNS), data, xk, "student_acc",
+                   title="student accuracy vs " + ("compression ratio" if xk == "compression_ratio" else xk))
     if plot is not None:
         lg.log_image("pareto", plot)
-    lg.log_summary({
+    summary: dict[str, Any] = {
         "runs": len(rows),
         "pareto_runs": sum(bool(r["pareto"]) for r in rows),
+        "pareto_x": xk,
         "best_student_acc": max(r["student_acc"] for r in rows),
         "smallest_compression_ratio": min(r["compression_ratio"] for r in rows),
-    })
+    }
+    timed = [r[xk] for r in rows if r.get(xk) is not None]
+    if xk != "compression_ratio" and timed:
+        summary["fastest_student_ms"] = min(timed)
+    lg.log_summary(summary)
     lg.finish()
     return lg
 

@@ -14,8 +14,10 @@
   same folder: finished points (``summary.json``) are skipped and a killed one
   resumes from its checkpoint. ``sweep.json`` in the folder records the grid and
   each point's state; a folder that holds another sweep is refused.
-* It ends with the comparison table and the Pareto plot (``<sweep>/pareto.png``),
-  logged to W&B as a comparison run of the group when the recipe logs to W&B.
+* It ends with the comparison table (size, accuracy, and the deployed student's latency
+  and speed-up over the float teacher in onnxruntime and OpenVINO) and the Pareto plot
+  (``<sweep>/pareto.png``, over size or ``--pareto-over latency``), logged to W&B as a
+  comparison run of the group when the recipe logs to W&B.
 * :func:`wandb_sweep_config` is the same grid as a W&B sweep whose agents run
   ``qtemperate run RECIPE --set key=value ...`` for each point (``--wandb-sweep``,
   online; :func:`create_wandb_sweep`).
@@ -234,6 +236,9 @@ def run_sweep(
     progress: bool = True,
     say: Callable[[str], None] = print,
     log_to_wandb: bool | None = None,
+    pareto_over: str = "size",
+    runtime: str = "ort",
+    batch: str = "1",
 ) -> Sweep:
     """Run the points in order (finished ones skipped), then compare them.
 
@@ -243,6 +248,11 @@ def run_sweep(
         say: Where the sweep's own lines go.
         log_to_wandb: Log the comparison as a W&B run of the sweep's group (default:
             when the recipe's loggers include ``wandb``).
+        pareto_over: The front's axis, ``"size"`` or ``"latency"``
+            (:func:`~qtemperate.compare.compare_runs`); the table always carries the
+            deployed student's latency and speed-up over the teacher.
+        runtime: Over latency: ``"ort"`` or ``"openvino"``.
+        batch: Over latency: ``"1"`` or ``"max"``.
 
     Returns:
         The sweep with each point's ``status``, the comparison ``rows`` and ``plot``.
@@ -253,6 +263,8 @@ def run_sweep(
 
     for p in sweep.points:
         preflight(p.recipe)  # every point's files before the first one trains
+        if pareto_over == "latency":
+            _check_timed(p, runtime)
     _write_manifest(sweep)
     n = len(sweep.points)
     for p in sweep.points:
@@ -276,13 +288,16 @@ def run_sweep(
     done = [p.run_dir for p in sweep.points if p.status in ("finished", "skipped")]
     if not done:
         return sweep
-    sweep.rows = compare_runs(done, allow_mixed=True)  # the grid may vary the teacher or data on purpose
+    axis = {"pareto_over": pareto_over, "runtime": runtime, "batch": batch}
+    # allow_mixed: the grid may vary the teacher or data on purpose
+    sweep.rows = compare_runs(done, allow_mixed=True, **axis)
     groups = {(r.get("dataset"), r.get("test_samples"), r.get("teacher_id")) for r in sweep.rows}
     if len(groups) > 1:
         say(f"note: the points span {len(groups)} (dataset, teacher) groups; each has its own front")
-    say(format_table(sweep.rows))
+    say(format_table(sweep.rows, **axis))
     try:
-        sweep.plot = pareto_plot(sweep.rows, sweep.folder / "pareto.png")
+        sweep.plot = pareto_plot(sweep.rows, sweep.folder / "pareto.png", x=pareto_over, runtime=runtime,
+                                 batch=batch)
         say(f"pareto plot: {sweep.plot}")
     except ImportError:
         say("pareto plot skipped: matplotlib is not installed (the `plot` extra)")
@@ -292,10 +307,20 @@ def run_sweep(
     if log_to_wandb:
         lg = log_comparison(sweep.rows, sweep.plot, sweep.folder, project=base.tracking.project,
                             group=sweep.name, name=f"{sweep.name}-comparison", mode=base.tracking.mode,
-                            tags=[f"sweep:{sweep.name}"])
+                            tags=[f"sweep:{sweep.name}"], **axis)
         if lg.run_file is not None:
             say(f"comparison logged to W&B: {lg.url or lg.run_file}")
     return sweep
+
+
+def _check_timed(point: SweepPoint, runtime: str) -> None:
+    """A front over latency needs every point's student timed in that runtime: say so before training."""
+    e = point.recipe.export
+    off = [k for k, on in (("export.onnx", e.onnx), ("export.benchmark", e.benchmark),
+                           ("export.openvino", e.openvino or runtime != "openvino")) if not on]
+    if off:
+        raise UsageError(f"--pareto-over latency: sweep point {point.index} ({' '.join(point.overrides)}) "
+                         f"does not time its student ({', '.join(off)}: false)")
 
 
 # --------------------------------------------------------------------------- as a W&B sweep

@@ -130,6 +130,7 @@ def test_compare_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (d / "summary.json").write_text(json.dumps({
             "teacher_acc": 0.92, "student_acc": acc, "acc_drop": 0.92 - acc, "compression_ratio": ratio,
             "student_bytes": ratio * 1e6, "params": 1000, "onnx_latency_ms": {"1": 0.5},
+            "int8_onnx_latency_ms": {"1": 0.25 * (3 - i), "64": 4.0}, "teacher_onnx_latency_ms": {"1": 1.0, "64": 8.0},
         }))
         dirs.append(str(d))
     out_png = tmp_path / "pareto.png"
@@ -139,7 +140,16 @@ def test_compare_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [line for line in text.splitlines() if line[:3] == "run" and line[3:4].isdigit()]
     assert [line.split()[0] for line in lines] == ["run1", "run0", "run2"]  # sorted by size
-    assert lines[2].rstrip().endswith("0.500") # run2 dominated: no star
+    assert lines[2].split()[-3:] == ["0.250", "4.00", "2.00"]  # run2: int8 b1 ms, x teacher at b1, b64; no star
+    # Over latency (onnxruntime, batch 1): run2 is the fastest and on the front, run1 dominated by it.
+    assert main(["compare", *dirs, "--out", str(out_png), "--pareto-over", "latency"]) == 0
+    text = capsys.readouterr().out
+    lines = [line for line in text.splitlines() if line[:3] == "run" and line[3:4].isdigit()]
+    assert [(line.split()[0], line.split()[-1]) for line in lines] == [("run2", "*"), ("run1", "2.00"),
+                                                                       ("run0", "*")]
+    assert "front over latency (student_ort_ms_b1)" in text
+    assert main(["compare", *dirs, "--no-plot", "--pareto-over", "latency", "--latency-runtime", "openvino"]) == 2
+    assert "no run has student_openvino_ms_b1" in _one_error_line(capsys)
 
 
 def test_compare_missing_summary_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from qtemperate.cli import UsageError, build_parser, main
+from qtemperate.export.speed import SPEED_KEYS
 from qtemperate.recipe import RecipeError, load_recipe
 from qtemperate.sweep import (
     create_wandb_sweep,
@@ -92,6 +93,18 @@ def test_cli_sweep_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytes
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_sweep_over_latency_needs_every_point_timed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _recipe_file(tmp_path, export={"onnx": True})
+    argv = ["sweep", str(path), "--grid", "export.benchmark=true,false", "--pareto-over", "latency"]
+    assert main(argv) == 2
+    line = _one_line(capsys)
+    assert "sweep point 1 (export.benchmark=false) does not time its student (export.benchmark: false)" in line
+    assert not list((tmp_path / "runs").glob("*/0*"))  # refused before any point ran
+    assert main(["sweep", str(path), "--grid", "seed=0,1", "--set", "export.openvino=false",
+                 "--pareto-over", "latency", "--latency-runtime", "openvino"]) == 2
+    assert "(export.openvino: false)" in _one_line(capsys)
+
+
 def test_a_folder_holding_another_sweep_is_refused(tmp_path: Path) -> None:
     path = _recipe_file(tmp_path)
     sweep = plan_sweep(path, parse_grid(["seed=0,1"]), name="mine")
@@ -143,6 +156,17 @@ def test_each_sweep_run_reads_back_with_leet_inspect(offline_sweep: dict) -> Non
         assert (row["run"], row["student_acc"], row["compression_ratio"]) == (
             d.name, summary["student_acc"], summary["compression_ratio"])
         assert row["latency_b1_ms"] == summary["onnx_latency_ms"]["1"] and row["weight_bits"] == 4
+        # The deployed student (the W8A8 twin) against the float teacher, timed in the same runtime.
+        assert summary["deployed_onnx"] == "student_int8.onnx" and row["latency_max_batch"] == 1
+        assert row["student_ort_ms_b1"] == summary["int8_onnx_latency_ms"]["1"]
+        assert row["speedup_vs_teacher_ort_b1"] == (
+            summary["teacher_onnx_latency_ms"]["1"] / summary["int8_onnx_latency_ms"]["1"])
+        if summary.get("openvino_latency_ms"):
+            assert row["speedup_vs_teacher_openvino_b1"] == (
+                summary["teacher_openvino_latency_ms"]["1"] / summary["openvino_latency_ms"]["1"])
+        else:
+            assert row["speedup_vs_teacher_openvino_b1"] is None and summary["speed_missing"]["openvino"]
+        assert {k: row[k] for k in SPEED_KEYS} == {k: summary[k] for k in SPEED_KEYS}
         assert [r[0] for r in run["tables"]["stages_table"]["data"]] == ["w8a8", "w4a4"]
         onnx = {a["name"]: a for a in run["artifacts"] if a["name"].endswith("-onnx")}
         assert sorted(onnx) == ["tiny-student-onnx", "tiny-student.qonnx-onnx", "tiny-student_float-onnx",
@@ -188,6 +212,16 @@ def test_rerunning_a_sweep_skips_finished_points(offline_sweep: dict) -> None:
         assert main(offline_sweep["argv"]) == 0
     assert out.getvalue().count("finished before, skipped") == 4
     assert sorted(str(p) for p in folder.glob("0*/wandb/*run-*")) == before  # no run was repeated
+    assert "ort ms b1" in out.getvalue() and "ort xT b1" in out.getvalue()  # the table carries the speed
+
+
+def test_a_sweep_over_latency_on_finished_points(offline_sweep: dict) -> None:
+    """The front over the deployed student's onnxruntime latency, on the finished points."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*offline_sweep["argv"], "--pareto-over", "latency"]) == 0
+    assert "front over latency (student_ort_ms_b1)" in out.getvalue()
+    assert (offline_sweep["folder"] / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # --------------------------------------------------------------------------- as a W&B sweep

@@ -15,6 +15,8 @@
 * :mod:`qtemperate.export.qonnx` — QONNX export for FINN / FPGA flows, checked with
   QONNX's executor (``qonnx`` extra).
 * :mod:`qtemperate.export.size` — where the bytes of an ONNX file go.
+* :mod:`qtemperate.export.speed` — the deployed student's latency and speed-up over the
+  float teacher per runtime and batch: the flat keys comparisons read (standard library only).
 * :mod:`qtemperate.export.check` — :func:`export_and_check`, the export-verify-time step
   shared by ``qtemperate run`` and ``qtemperate export``.
 

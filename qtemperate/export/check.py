@@ -8,9 +8,11 @@ so a sub-8-bit student's graph runs its 4-bit convolutions in float; the same pr
 architecture is then also exported at W8A8 (``student_int8.onnx``), verified and timed as
 ``int8_onnx_latency_ms``: the latency of the student on an int8 CPU backend. Such a
 student is also written as QONNX (``student.qonnx.onnx``, for FINN / FPGA flows) and
-checked with QONNX's executor; the int8 file is verified and timed in OpenVINO too.
-OpenVINO and QONNX are optional extras: without them the summary says which extra to
-install. The keys are the ones ``summary.json`` carries.
+checked with QONNX's executor; the int8 file is verified and timed in OpenVINO too,
+beside the float teacher's file. OpenVINO and QONNX are optional extras: without them
+the summary says which extra to install. The keys are the ones ``summary.json`` carries,
+among them the deployed student's speed-up over the teacher per runtime and batch
+(:mod:`qtemperate.export.speed`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from qtemperate.export.runtime import (
     verify_onnx,
 )
 from qtemperate.export.size import onnx_byte_breakdown
+from qtemperate.export.speed import speed_summary
 from qtemperate.export.targets import (
     TARGETS,
     check_int16_saturation,
@@ -185,7 +188,11 @@ def export_and_check(
         its own PyTorch model), ``teacher_onnx_top1_agreement`` / ``teacher_onnx_max_abs_diff``
         (when the teacher was timed), ``int8_speedup``, ``int8_latency_note``,
         ``int8_vs_teacher_speedup`` / ``student_slower_than_teacher_note`` (when the teacher
-        was timed), ``onnx_byte_breakdown``,
+        was timed), ``teacher_openvino_latency_ms`` / ``openvino_vs_teacher_speedup`` (the
+        teacher in OpenVINO, when the int8 file was timed there), ``deployed_onnx`` and the
+        flat speed keys of :func:`~qtemperate.export.speed.speed_summary`
+        (``student_ort_ms_b1``, ``speedup_vs_teacher_openvino_bmax``, ``speed_missing``, ...),
+        ``onnx_byte_breakdown``,
         ``onnx_int16_saturation`` (the ``x86-avx2`` rule on the int8 file), ``onnx_files``
         (per file: bits and the runtimes that run it with integer kernels), the
         ``openvino_*`` and ``qonnx_*`` keys, and the target facts of :func:`target_facts`.
@@ -240,36 +247,78 @@ def export_and_check(
             out.update(_openvino(int8_model, int8_path, x, benchmark, batch_sizes, iters,
                                  classification_outputs, files))
         out["onnx_files"] = files
-        if not benchmark:
-            return out
-        out["onnx_latency_ms"] = _latency(path, batch_sizes, iters)
-        if quantized:
-            out["int8_onnx_latency_ms"] = (
-                out["onnx_latency_ms"] if int8_path == path else _latency(int8_path, batch_sizes, iters)
-            )
-        if float_student is not None:
-            fpath = export_onnx(copy.deepcopy(float_student).cpu().eval(),
-                                out_dir / "student_float.onnx", example)
-            files[fpath.name] = _file_entry(fpath, "float", False)
-            out["float_student_onnx_latency_ms"] = _latency(fpath, batch_sizes, iters)
-            if quantized:
-                out.update(_speedups(out, float_student))
-        if teacher is not None:
-            t_device = model_device(teacher)
-            try:
-                tpath = export_onnx(teacher.to("cpu").eval(), out_dir / "teacher.onnx", example)
-                files[tpath.name] = _file_entry(tpath, "float", False)
-                trep = verify_onnx(tpath, teacher, x, classification_outputs)
-                out["teacher_onnx_top1_agreement"] = trep.top1_agreement
-                out["teacher_onnx_max_abs_diff"] = trep.max_abs_diff
-                out["teacher_onnx_latency_ms"] = _latency(tpath, batch_sizes, iters)
-            finally:
-                teacher.to(t_device)
-            if quantized:
-                out.update(_versus_teacher(out, float_student))
+        out["deployed_onnx"] = Path(int8_path if int8_path is not None else path).name
+        why: dict[str, str] = {}
+        if benchmark:
+            _time_files(out, path, int8_path, out_dir, example, x, teacher, float_student,
+                        batch_sizes, iters, classification_outputs, files)
+        else:
+            why = {"ort": "not timed (benchmark off)", "openvino": "not timed (benchmark off)"}
+        if int8_model is None:
+            why.setdefault("openvino", "OpenVINO times the int8 file only; this student is float")
+        elif not openvino:
+            why.setdefault("openvino", "OpenVINO checks off (export.openvino: false)")
+        if teacher is None:
+            why["teacher"] = "no teacher was given to time"
+        out.update(speed_summary(out, quantized=quantized, why=why))
         return out
     finally:
         student.to(device).train(was_training)
+
+
+def _time_files(
+    out: dict[str, Any], path: Path, int8_path: Path | None, out_dir: Path, example: torch.Tensor,
+    x: torch.Tensor, teacher: nn.Module | None, float_student: nn.Module | None,
+    batch_sizes: Sequence[int], iters: int, classification_outputs: Sequence[str] | None,
+    files: dict[str, Any],
+) -> None:
+    """Time the student's files, its float twin and the teacher (exported, verified) into ``out``.
+
+    The teacher is timed in every runtime the deployed student was timed in (onnxruntime,
+    and OpenVINO when ``openvino_latency_ms`` is there), so each speed-up over the teacher
+    compares two files in one runtime at one batch size.
+    """
+    quantized = int8_path is not None
+    out["onnx_latency_ms"] = _latency(path, batch_sizes, iters)
+    if quantized:
+        out["int8_onnx_latency_ms"] = (
+            out["onnx_latency_ms"] if int8_path == path else _latency(int8_path, batch_sizes, iters)
+        )
+    if float_student is not None:
+        fpath = export_onnx(copy.deepcopy(float_student).cpu().eval(),
+                            out_dir / "student_float.onnx", example)
+        files[fpath.name] = _file_entry(fpath, "float", False)
+        out["float_student_onnx_latency_ms"] = _latency(fpath, batch_sizes, iters)
+        if quantized:
+            out.update(_speedups(out, float_student))
+    if teacher is None:
+        return
+    t_device = model_device(teacher)
+    try:
+        tpath = export_onnx(teacher.to("cpu").eval(), out_dir / "teacher.onnx", example)
+        files[tpath.name] = _file_entry(tpath, "float", False)
+        trep = verify_onnx(tpath, teacher, x, classification_outputs)
+        out["teacher_onnx_top1_agreement"] = trep.top1_agreement
+        out["teacher_onnx_max_abs_diff"] = trep.max_abs_diff
+        out["teacher_onnx_latency_ms"] = _latency(tpath, batch_sizes, iters)
+    finally:
+        teacher.to(t_device)
+    if out.get("openvino_latency_ms"):
+        out.update(_teacher_openvino(tpath, batch_sizes, iters))
+    if quantized:
+        out.update(_versus_teacher(out, float_student))
+
+
+def _teacher_openvino(tpath: Path, batch_sizes: Sequence[int], iters: int) -> dict[str, Any]:
+    """``teacher_openvino_latency_ms``: the float teacher's file in OpenVINO, the same settings
+    as the student's (:func:`~qtemperate.export.openvino.benchmark_openvino`)."""
+    from qtemperate.export import openvino as ovx
+
+    try:
+        lat = ovx.benchmark_openvino(tpath, batch_sizes=tuple(batch_sizes), iters=iters)
+    except RuntimeError as exc:  # OpenVINO's conversion/compile errors; the student's figures stand
+        return {"teacher_openvino_note": f"OpenVINO could not run {tpath.name}: {' '.join(str(exc).split())[:200]}"}
+    return {"teacher_openvino_latency_ms": {str(k): v for k, v in lat.items()}}
 
 
 def _deployed_warning(rep: VerifyReport, facts: dict[str, Any]) -> str | None:
@@ -319,6 +368,9 @@ def _versus_teacher(out: dict[str, Any], float_student: nn.Module | None) -> dic
     t, q = out["teacher_onnx_latency_ms"], out.get("int8_onnx_latency_ms") or {}
     speed = {b: t[b] / q[b] for b in t if q.get(b)}
     res: dict[str, Any] = {"int8_vs_teacher_speedup": speed, "student_slower_than_teacher_note": None}
+    t_ov, ov = out.get("teacher_openvino_latency_ms") or {}, out.get("openvino_latency_ms") or {}
+    if t_ov and ov:
+        res["openvino_vs_teacher_speedup"] = {b: t_ov[b] / ov[b] for b in t_ov if ov.get(b)}
     if speed and all(v < 1.0 for v in speed.values()):
         note = ("the int8 student runs slower than the float teacher in onnxruntime ("
                 + ", ".join(f"x{v:.2f} at batch {b}" for b, v in speed.items()) + ")")

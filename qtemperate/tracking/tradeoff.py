@@ -5,9 +5,10 @@ At the end of a run (:func:`log_run_results`):
 * the summary, flat in W&B (:mod:`~qtemperate.tracking.keys`);
 * the per-stage table under ``stages_table``;
 * a one-row ``tradeoff`` table (:data:`TRADEOFF_COLUMNS`: recipe, dataset, teacher and
-  student accuracy, bytes, ratio, bits, latency, target CPU): W&B joins the tables of
-  the runs in a workspace, so a scatter or Pareto panel of size against accuracy
-  needs no code;
+  student accuracy, bytes, ratio, bits, latency, target CPU, and the deployed student's
+  latency and speed-up over the float teacher in onnxruntime and OpenVINO at batch 1 and
+  the largest batch): W&B joins the tables of the runs in a workspace, so a scatter or
+  Pareto panel of size or latency against accuracy needs no code;
 * ``student.pt`` and every ``*.onnx`` file of the run folder as versioned W&B
   artifacts (``<recipe>-<file stem>-onnx``: each run logs a new version) with their
   measured bytes, latency and agreement as metadata (:func:`onnx_artifacts`);
@@ -28,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qtemperate.export.speed import SPEED_KEYS, speed_summary
 from qtemperate.tracking.base import MetricLogger
 from qtemperate.tracking.keys import SCHEDULE_IMAGE, STAGES_TABLE, TRADEOFF_TABLE, flat_summary
 
@@ -54,9 +56,10 @@ TRADEOFF_COLUMNS = [
     "run", "recipe", "group", "dataset", "test_samples", "teacher", "teacher_id", "teacher_acc",
     "student_acc", "acc_drop", "student_bytes", "teacher_float_bytes", "compression_ratio",
     "weight_bits", "act_bits", "params", "onnx_bytes", "latency_b1_ms", "int8_latency_b1_ms",
-    "teacher_latency_b1_ms", "target_cpu",
+    "teacher_latency_b1_ms", "target_cpu", *SPEED_KEYS,
 ]
-"""Columns of the one-row ``tradeoff`` table (and of ``qtemperate compare``'s rows)."""
+"""Columns of the one-row ``tradeoff`` table (and of ``qtemperate compare``'s rows); the last
+ones are the deployed student's speed against the teacher (:data:`~qtemperate.export.speed.SPEED_KEYS`)."""
 
 STAGE_COLUMNS = ["name", "weight_bits", "act_bits", "epochs", "final_T", "accuracy", "bytes"]
 
@@ -152,6 +155,10 @@ def tradeoff_record(summary: Mapping[str, Any], run: str) -> dict[str, Any]:
     """One row of :data:`TRADEOFF_COLUMNS` from a run's summary (nested as in
     ``summary.json`` or flat as in W&B).
 
+    The speed columns are the summary's :data:`~qtemperate.export.speed.SPEED_KEYS`; a
+    summary written before they existed gets them from its per-batch latencies
+    (:func:`~qtemperate.export.speed.speed_summary`: ``None`` where a file was not timed).
+
     Raises:
         KeyError: naming the first of ``teacher_acc``, ``student_acc``,
             ``compression_ratio``, ``student_bytes`` that the summary lacks (it is not
@@ -161,6 +168,7 @@ def tradeoff_record(summary: Mapping[str, Any], run: str) -> dict[str, Any]:
     for key in ("teacher_acc", "student_acc", "compression_ratio", "student_bytes"):
         if flat.get(key) is None:
             raise KeyError(key)
+    speed = flat if "latency_max_batch" in flat else speed_summary(flat)
     wb, ab = _last_stage_bits(flat)
     return {
         "run": run,
@@ -184,6 +192,7 @@ def tradeoff_record(summary: Mapping[str, Any], run: str) -> dict[str, Any]:
         "int8_latency_b1_ms": flat.get("int8_onnx_latency_ms/1"),
         "teacher_latency_b1_ms": flat.get("teacher_onnx_latency_ms/1"),
         "target_cpu": flat.get("target_cpu"),
+        **{k: speed.get(k) for k in SPEED_KEYS},
     }
 
 

@@ -59,6 +59,21 @@ def test_w4a4_student_gets_an_int8_twin_and_a_teacher_file(tmp_path: Path, digit
     assert get_bit_widths(q4) == before  # the twin is a copy: the student keeps its 4 bits
     twin_inits = onnx.load(str(tmp_path / "student_int8.onnx")).graph.initializer
     assert all(i.data_type != onnx.TensorProto.INT4 for i in twin_inits)
+    # The deployed student's speed: the int8 twin against the float teacher, per runtime and batch.
+    assert out["deployed_onnx"] == "student_int8.onnx" and out["latency_max_batch"] == 4
+    q8, t = out["int8_onnx_latency_ms"], out["teacher_onnx_latency_ms"]
+    for b, batch in (("b1", "1"), ("bmax", "4")):
+        assert (out[f"student_ort_ms_{b}"], out[f"teacher_ort_ms_{b}"]) == (q8[batch], t[batch])
+        assert out[f"speedup_vs_teacher_ort_{b}"] == t[batch] / q8[batch] == out["int8_vs_teacher_speedup"][batch]
+    if _has("openvino"):  # the teacher's file timed in OpenVINO too, beside the int8 twin
+        ov, tov = out["openvino_latency_ms"], out["teacher_openvino_latency_ms"]
+        assert set(tov) == {"1", "4"} and out["speed_missing"] is None
+        for b, batch in (("b1", "1"), ("bmax", "4")):
+            assert out[f"speedup_vs_teacher_openvino_{b}"] == tov[batch] / ov[batch]
+        assert out["openvino_vs_teacher_speedup"] == {b: tov[b] / ov[b] for b in tov}
+        assert "openvino_int8_speedup" in out  # the speed-up over the float student is kept
+    else:
+        assert out["speedup_vs_teacher_openvino_b1"] is None and "openvino" in out["speed_missing"]
 
 
 def test_w8a8_student_reuses_its_own_latency(tmp_path: Path, digits, trained) -> None:
@@ -68,6 +83,12 @@ def test_w8a8_student_reuses_its_own_latency(tmp_path: Path, digits, trained) ->
     assert out["int8_onnx_latency_ms"] == out["onnx_latency_ms"]
     assert not (tmp_path / "student_int8.onnx").exists() and "teacher_onnx_latency_ms" not in out
     assert "qonnx_path" not in out and "openvino_agreement" not in out  # 8-bit: no QONNX; OpenVINO off
+    # W8A8: student.onnx is the deployed file; no teacher, no OpenVINO: no speed-up, and why.
+    assert out["deployed_onnx"] == "student.onnx" and out["student_ort_ms_b1"] == out["onnx_latency_ms"]["1"]
+    assert out["latency_max_batch"] == 1 and out["student_ort_ms_bmax"] == out["student_ort_ms_b1"]
+    assert out["teacher_ort_ms_b1"] is None and out["speedup_vs_teacher_ort_b1"] is None
+    assert out["speed_missing"] == {"ort": "no teacher was given to time",
+                                    "openvino": "OpenVINO checks off (export.openvino: false)"}
 
 
 def test_no_benchmark_only_verifies(tmp_path: Path, digits, trained) -> None:
@@ -76,6 +97,9 @@ def test_no_benchmark_only_verifies(tmp_path: Path, digits, trained) -> None:
     out = export_and_check(model, tmp_path, xte[:32], benchmark=False)
     assert out["onnx_latency_ms"] is None and out["int8_onnx_latency_ms"] is None
     assert out["onnx_top1_agreement"] == pytest.approx(1.0)
+    assert out["deployed_onnx"] == "student.onnx" and out["latency_max_batch"] is None  # a float student
+    assert out["student_ort_ms_b1"] is None and out["speed_missing"] == {
+        "ort": "not timed (benchmark off)", "openvino": "not timed (benchmark off)"}
     assert out["onnx_max_abs_diff"] < 1e-3
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qtemperate.export.speed import SPEED_KEYS, speed_summary
 from qtemperate.recipe import parse_recipe
 from qtemperate.tracking.keys import flat_summary
 from qtemperate.tracking.tradeoff import (
@@ -46,6 +47,44 @@ def test_record_is_the_same_from_nested_and_flat_summaries() -> None:
     assert tradeoff_record(old, "old")["weight_bits"] == 4
     with pytest.raises(KeyError, match="student_acc"):
         tradeoff_record({"teacher_acc": 0.9}, "x")
+
+
+def test_speed_columns_from_old_and_new_summaries() -> None:
+    # A summary from before the speed keys: derived from its per-batch latencies (teacher / int8 twin).
+    old = tradeoff_record(SUMMARY, "old")
+    assert list(old)[-len(SPEED_KEYS):] == SPEED_KEYS
+    assert (old["latency_max_batch"], old["student_ort_ms_b1"], old["teacher_ort_ms_b1"]) == (1, 0.25, 0.75)
+    assert old["speedup_vs_teacher_ort_b1"] == 0.75 / 0.25 == old["speedup_vs_teacher_ort_bmax"]
+    assert all(old[k] is None for k in SPEED_KEYS if "openvino" in k)  # never timed there: nothing invented
+    # A summary that carries them: read as written.
+    speed = {**dict.fromkeys(SPEED_KEYS), "latency_max_batch": 64, "student_openvino_ms_bmax": 4.0,
+             "teacher_openvino_ms_bmax": 10.0, "speedup_vs_teacher_openvino_bmax": 2.5}
+    new = tradeoff_record({**SUMMARY, **speed, "speed_missing": {"ort": "x"}}, "new")
+    assert {k: new[k] for k in SPEED_KEYS} == speed
+
+
+def test_the_wandb_tradeoff_row_carries_the_speed(tmp_path: Path, wandb_env: Path) -> None:
+    from qtemperate.tracking import WandbLogger
+    from qtemperate.tracking.tradeoff import log_run_results
+    from tests.wandb_reader import read_offline_run
+
+    summary = {**SUMMARY, "openvino_latency_ms": {"1": 0.2, "8": 1.0}, "teacher_openvino_latency_ms": {"1": 0.6}}
+    summary.update(speed_summary(summary))
+    assert summary["speedup_vs_teacher_openvino_b1"] == 0.6 / 0.2 and summary["latency_max_batch"] == 8
+    recipe = parse_recipe(tiny_recipe(tmp_path))
+    run_dir = wandb_env / "runs" / "speed"
+    lg = WandbLogger("qtemperate-tests", run_dir, name="speed", settings={"x_disable_stats": True})
+    log_run_results(lg, run_dir, recipe, summary)
+    lg.finish()
+    data = read_offline_run(run_dir)
+    table = data["tables"]["tradeoff"]
+    assert table["columns"] == TRADEOFF_COLUMNS
+    row = dict(zip(TRADEOFF_COLUMNS, table["data"][0]))
+    assert {k: row[k] for k in SPEED_KEYS} == {k: summary[k] for k in SPEED_KEYS}
+    assert row["speedup_vs_teacher_ort_b1"] == 3.0 and row["speedup_vs_teacher_openvino_bmax"] is None
+    # the flat W&B summary holds each speed key, and the reason for a gap
+    assert data["summary"]["speedup_vs_teacher_openvino_b1"] == summary["speedup_vs_teacher_openvino_b1"]
+    assert data["summary"]["speed_missing/openvino"] == summary["speed_missing"]["openvino"]
 
 
 def test_every_onnx_file_is_an_artifact_with_its_own_measurements(tmp_path: Path) -> None:
