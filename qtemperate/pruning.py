@@ -18,6 +18,12 @@ is a budget ("keep half of the parameters"). :func:`prune` bridges the two:
    (:func:`recalibrate_batchnorm`); without that a pruned network's accuracy
    collapses because the running statistics no longer match the narrower layers.
 
+The output layers keep their widths, and the result is checked against that rule: the
+pruned model's outputs must have the names and shapes the input model's had. Attention
+found in the module tree (:mod:`qtemperate.attention_heads`) loses whole heads. When
+torch-pruning cannot finish, fewer steps and then the layers whose pruning breaks the
+forward (found by trying each group alone) are tried, and what worked is said.
+
 The input model is never modified: pruning works on a deep copy, so a teacher
 passed in stays intact.
 """
@@ -36,6 +42,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from qtemperate.attention_heads import (
+    AttentionHeads,
+    attention_like,
+    find_attention,
+    write_head_count,
+)
+from qtemperate.fx_graph import call_model, flatten_outputs, output_layer_names, output_producers
 from qtemperate.registry import Registry
 
 __all__ = [
@@ -65,6 +78,15 @@ _MAX_REFINES = 2
 _WIDTH_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # DepGraph operation nodes whose pruning functions change nothing (no sizes to update).
 _STATELESS_OPS = (tp.ops._ElementWiseOp, tp.ops._ReshapeOp)
+# What torch-pruning raises when it loses track of a dimension (it asserts, indexes, reshapes).
+_TP_ERRORS = (IndexError, RuntimeError, KeyError, AssertionError, ValueError)
+#: Most layers the fallback search adds to ignored_layers before it gives up.
+_MAX_BREAKING = 16
+
+
+class _Broken(Exception):
+    """torch-pruning could not finish, or the pruned model's forward fails: another setting
+    (fewer steps, more ignored layers) may work. Never leaves this module."""
 
 
 class UnreachableTarget(ValueError):
@@ -98,7 +120,8 @@ class PruneReport:
         trials: Trial prunings spent by the ratio search (including refinements).
         seconds: Wall time of the whole call.
         layer_widths: Conv/Linear name -> (out channels/features before, after).
-        heads: ``attention_heads`` layer name -> (heads before, after).
+        heads: q/k/v (or qkv) layer name -> (heads before, after), for every attention
+            module whose whole heads were pruned (found in the module tree or given).
     """
 
     params_before: int
@@ -322,17 +345,21 @@ class _Pruning:
         target: str,
         max_layer_ratio: float,
         round_to: int | None = None,
-        heads: dict[str, int] | None = None,
+        attentions: Sequence[AttentionHeads] = (),
+        outputs: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         self.model = model  # unpruned working copy, eval mode
         self.round_to = round_to
-        self.heads = dict(heads or {})
+        self.attentions = list(attentions)
+        self.heads = {layer: a.heads for a in self.attentions for layer in a.layers}
         self.inputs = example_inputs
+        self.outputs = outputs if outputs is not None else _output_shapes(model, example_inputs)
         self.ignored_names = ignored_names
         self.target = target
         self.max_layer_ratio = max_layer_ratio
         self.params0, self.macs0 = count_params_macs(model, example_inputs)
         self.trials = 0
+        self.r_max: float | None = None  # ratio_upper_bound, computed once
         self._planner: tp.pruner.BasePruner | None = None  # one DepGraph for every trial
         self._replayable = False  # set with the pruner: groups can be read without pruning
         self._counts_widths = target == "params"  # trials count params from widths, no copy pruned
@@ -346,6 +373,8 @@ class _Pruning:
         ignored = [s for m in self._ignored(self.model) for s in m.modules()]
         head_layers = {self.model.get_submodule(n): h for n, h in self.heads.items()}
         bound = 1.0
+        if self.r_max is not None:
+            return self.r_max
         for h in head_layers.values():
             keep = max(1, math.ceil(h * (1.0 - self.max_layer_ratio) - 1e-9))
             if keep < h:
@@ -360,23 +389,16 @@ class _Pruning:
             if keep >= n:
                 continue  # never pruned
             bound = min(bound, 1.0 - keep / n)
-        return max(0.0, bound - 1e-9)
+        self.r_max = max(0.0, bound - 1e-9)
+        return self.r_max
 
-    def run(self, ratio: float, importance: tp.importance.Importance, steps: int) -> nn.Module:
-        """Prune a fresh copy of the working model to channel ratio ``ratio``."""
-        model = copy.deepcopy(self.model)
-        if ratio <= 0.0:
-            return model
+    def _pruner(
+        self, model: nn.Module, ratio: float, importance: tp.importance.Importance, steps: int,
+        extra_ignored: Sequence[str] = (),
+    ) -> tp.pruner.BasePruner:
+        """torch-pruning's pruner of ``model`` (a copy of the working model) to ``ratio``."""
         heads = {model.get_submodule(n): h for n, h in self.heads.items()}
-        if heads:
-            # torch-pruning applies each step's cumulative head ratio to the heads that are
-            # left, so iterative steps would remove all heads: heads go in one step
-            steps = 1
-        elif steps == 1:
-            self._trial_pruner()  # decides whether groups can be replayed
-            if self._replayable:
-                return self._replay(model, ratio, importance)
-        pruner = tp.pruner.BasePruner(
+        return tp.pruner.BasePruner(
             model,
             self.inputs,
             importance=importance,
@@ -385,7 +407,7 @@ class _Pruning:
             round_to=self.round_to,
             iterative_steps=steps,
             iterative_pruning_ratio_scheduler=_tp_scheduler,
-            ignored_layers=self._ignored(model),
+            ignored_layers=self._ignored(model) + [model.get_submodule(n) for n in extra_ignored],
             # fresh dicts: torch-pruning's defaults are shared mutable dicts that would keep
             # every trial copy alive and leak its channel groups into the next pruner
             in_channel_groups={},
@@ -395,17 +417,101 @@ class _Pruning:
             prune_head_dims=not heads,
             head_pruning_ratio=ratio if heads else 0.0,
         )
+
+    def _write_heads(self, model: nn.Module, now: list[int]) -> None:
+        """Set each attention module's head count (and width) attributes to what ``model``'s
+        q/k/v layers now hold: ``h' = out_features / (out_features_before / h)``.
+
+        ``now[i]`` is the count ``self.attentions[i]``'s module holds (updated): the attributes
+        equal to it change.
+        """
+        for i, a in enumerate(self.attentions):
+            per_head = self.model.get_submodule(a.layers[0]).out_features // a.heads
+            after = model.get_submodule(a.layers[0]).out_features // per_head
+            write_head_count(model.get_submodule(a.module), now[i], after, a.head_dim)
+            now[i] = after
+
+    def run(self, ratio: float, importance: tp.importance.Importance, steps: int) -> nn.Module:
+        """Prune a fresh copy of the working model to channel ratio ``ratio``.
+
+        Raises:
+            _Broken: torch-pruning lost track of a dimension.
+        """
+        model = copy.deepcopy(self.model)
+        if ratio <= 0.0:
+            return model
+        if self.heads:
+            # torch-pruning applies each step's cumulative head ratio to the heads that are
+            # left, so iterative steps would remove all heads: heads go in one step
+            steps = 1
+        elif steps == 1:
+            self._trial_pruner()  # decides whether groups can be replayed
+            if self._replayable:
+                try:
+                    return self._replay(model, ratio, importance)
+                except _TP_ERRORS as exc:
+                    raise _Broken(f"torch-pruning failed ({type(exc).__name__}: {exc})") from exc
         try:
+            pruner = self._pruner(model, ratio, importance, steps)
             for _ in range(steps):
                 pruner.step()
-        except (IndexError, RuntimeError, KeyError) as exc:  # torch-pruning lost track of a dim
-            hint = _HEADS_GIVEN_HINT if heads else _PRUNING_HINT
-            raise ValueError(
-                f"torch-pruning failed on this model ({type(exc).__name__}: {exc}). {hint}"
-            ) from exc
-        after = {n: pruner.num_heads[model.get_submodule(n)] for n in self.heads}
-        _write_head_counts(model, self.heads, after)
+        except _TP_ERRORS as exc:  # torch-pruning lost track of a dim
+            raise _Broken(f"torch-pruning failed ({type(exc).__name__}: {exc})") from exc
+        self._write_heads(model, [a.heads for a in self.attentions])
         return model
+
+    def breaking_layers(self) -> tuple[list[str], set[str]] | None:
+        """Layers whose pruning breaks the model, found by trying each group on its own.
+
+        A one-step pruner at ratio ``min(0.5, max_layer_ratio)`` (every group of two or more
+        channels loses some) ranks the groups of the working model in torch-pruning's
+        interactive mode; each group is applied alone to a fresh copy (head counts
+        written), the forward runs and the outputs' shapes are compared. The root layer of
+        every group that breaks it is to be ignored. A group torch-pruning fails on while
+        ranking or building it is ignored too, and the pass starts again without it.
+
+        Returns:
+            ``(root layers to ignore, every layer of their groups)``, or ``None`` when
+            torch-pruning fails with no group to blame or more than :data:`_MAX_BREAKING`
+            restarts are needed.
+        """
+        ratio = min(0.5, self.max_layer_ratio)
+        names = _Names(self.model)
+        found: list[str] = []
+        touched: set[str] = set()
+        for _ in range(_MAX_BREAKING):
+            try:  # on the working model: interactive, nothing of it is pruned
+                pruner = self._pruner(self.model, ratio, tp.importance.GroupMagnitudeImportance(p=2), 1, found)
+            except _TP_ERRORS:  # the dependency graph itself: no group to blame
+                return None
+            roots = _record_roots(pruner.DG)
+            groups = pruner.step(interactive=True)
+            while True:
+                try:
+                    group = next(groups)
+                except StopIteration:
+                    return found, touched
+                except _TP_ERRORS:  # while ranking or building a group: the group last met
+                    root = names.modules.get(roots[-1]) if roots else None
+                    if root is None or root in found:
+                        return None
+                    found.append(root)
+                    touched |= _group_members(pruner.DG, roots[-1], names.modules)
+                    break  # a new pass without it
+                model = copy.deepcopy(self.model)
+                try:
+                    _apply_group(group, model, names)
+                    self._write_heads(model, [a.heads for a in self.attentions])
+                    ok = _output_shapes(model, self.inputs) == self.outputs
+                except Exception:  # any failure of the pruned forward is this group's
+                    ok = False
+                if not ok:
+                    root = names.modules.get(group[0].dep.target.module)
+                    if root is None:
+                        return None
+                    found.append(root)
+                    touched |= {names.modules[d.target.module] for d, _ in group if d.target.module in names.modules}
+        return None
 
     def measure(self, model: nn.Module) -> float:
         """Kept fraction of the targeted quantity."""
@@ -456,19 +562,11 @@ class _Pruning:
         module of the same name: what ``group.prune()`` does to the working model.
         """
         pruner = self._trial_pruner()
-        names_by_module = {m: n for n, m in self.model.named_modules()}
+        names = _Names(self.model)
         pruner.importance, random_importance = importance, pruner.importance
         try:
             for group in self._select(ratio):
-                for dep, idxs in group:
-                    if dep.target.module not in names_by_module:
-                        continue  # an element-wise or reshape node: nothing to prune
-                    node, original = dep.target, dep.target.module
-                    node.module = model.get_submodule(names_by_module[original])
-                    try:
-                        dep(idxs)  # the dependency's own call: pruning dim, index mapping, handler
-                    finally:
-                        node.module = original
+                _apply_group(group, model, names)
         finally:
             pruner.importance = random_importance
         return model
@@ -505,13 +603,21 @@ class _Pruning:
         return total
 
     def trial(self, ratio: float) -> float:
+        """Kept fraction after a one-step prune at ``ratio`` (random importance).
+
+        Raises:
+            _Broken: torch-pruning lost track of a dimension.
+        """
         self.trials += 1
-        if self._counts_widths:
-            params = self.trial_params(ratio)
-            if params is not None:
-                return params / self.params0
-            self._counts_widths = False  # a layer whose parameters the widths do not give
-        return self.measure(self.run(ratio, tp.importance.RandomImportance(), 1))
+        try:
+            if self._counts_widths:
+                params = self.trial_params(ratio)
+                if params is not None:
+                    return params / self.params0
+                self._counts_widths = False  # a layer whose parameters the widths do not give
+            return self.measure(self.run(ratio, tp.importance.RandomImportance(), 1))
+        except _TP_ERRORS as exc:
+            raise _Broken(f"torch-pruning failed ({type(exc).__name__}: {exc})") from exc
 
     def search(self, goal: float, r_max: float) -> tuple[float, float]:
         """Find the uniform ratio whose kept fraction is nearest ``goal``.
@@ -561,7 +667,80 @@ class _Pruning:
         return hi, f_hi_true
 
 
-_HEAD_ATTRS = ("num_heads", "n_heads", "heads", "num_attention_heads")
+class _Names:
+    """Qualified names of a model's modules and parameters, by object."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = {m: n for n, m in model.named_modules()}
+        self.params = {p: n for n, p in model.named_parameters()}
+
+
+def _apply_group(group: Any, model: nn.Module, names: _Names) -> None:
+    """Apply a pruning group of one model to ``model``, a copy of it (same names).
+
+    Each dependency's own call (pruning dim, index mapping, handler) runs on the copy's
+    module of the same name, as ``group.prune()`` does on the original; an unwrapped
+    parameter (a position embedding) is replaced on its parent module as torch-pruning does.
+    Element-wise and reshape nodes have nothing to prune.
+    """
+    for dep, idxs in group:
+        node, original = dep.target, dep.target.module
+        if node.type == tp.ops.OPTYPE.PARAMETER:
+            name = names.params.get(original)
+            if name is None:
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            node.module = model.get_parameter(name)
+            try:
+                pruned = dep(idxs)
+            finally:
+                node.module = original
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, pruned)
+        elif original in names.modules:
+            node.module = model.get_submodule(names.modules[original])
+            try:
+                dep(idxs)
+            finally:
+                node.module = original
+
+
+def _record_roots(dg: tp.DependencyGraph) -> list[nn.Module]:
+    """Record the root module of each group torch-pruning works on from now on (the list
+    returned, newest last): when it fails while ranking or building a group, that names it.
+
+    The pruner ranks the groups ``dg.get_all_groups`` yields, one by one, then builds each
+    group to prune with ``dg.get_pruning_group``; a group is recorded as it is yielded, then
+    (once all are ranked) as it is built.
+    """
+    roots: list[nn.Module] = []
+    ranking = [False]
+    all_groups, build = dg.get_all_groups, dg.get_pruning_group
+
+    def get_all_groups(*args: Any, **kwargs: Any) -> Iterable[Any]:
+        ranking[0] = True
+        for group in all_groups(*args, **kwargs):
+            roots.append(group[0].dep.target.module)
+            yield group
+        ranking[0] = False
+
+    def get_pruning_group(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not ranking[0]:
+            roots.append(module)
+        return build(module, *args, **kwargs)
+
+    dg.get_all_groups = get_all_groups  # type: ignore[method-assign]
+    dg.get_pruning_group = get_pruning_group  # type: ignore[method-assign]
+    return roots
+
+
+def _group_members(dg: tp.DependencyGraph, root: nn.Module, names: Mapping[nn.Module, str]) -> set[str]:
+    """Names of the layers in ``root``'s output-channel group (empty when it cannot be built)."""
+    pruner = dg.get_pruner_of_module(root)
+    try:
+        group = dg.get_pruning_group(root, pruner.prune_out_channels, [0])
+    except Exception:  # only used to tell which attention modules the group touches
+        return {names[root]} if root in names else set()
+    return {names[d.target.module] for d, _ in group if d.target.module in names}
 
 
 def _channel_groups(dg: tp.DependencyGraph, group: Any) -> int:
@@ -584,26 +763,12 @@ def _channel_groups(dg: tp.DependencyGraph, group: Any) -> int:
     return out
 
 
-def _write_head_counts(model: nn.Module, before: dict[str, int], after: dict[str, int]) -> None:
-    """Give each attention module its new head count (``num_heads`` & co.) after head pruning.
-
-    The parent of the q/k/v (or fused qkv) layers usually reshapes with ``self.num_heads``;
-    with whole heads removed the head size is unchanged and the count must follow.
-    """
-    for name, h0 in before.items():
-        parent_name = name.rpartition(".")[0]
-        parent = model.get_submodule(parent_name) if parent_name else model
-        for attr in _HEAD_ATTRS:
-            if getattr(parent, attr, None) == h0 and not isinstance(getattr(parent, attr), bool):
-                setattr(parent, attr, after[name])
-
-
-def _check_heads(model: nn.Module, attention_heads: Mapping[nn.Module, int] | None) -> dict[str, int]:
-    """``{layer name: heads}`` of ``attention_heads`` (validated)."""
+def _check_heads(model: nn.Module, attention_heads: Mapping[nn.Module, int] | None) -> list[AttentionHeads]:
+    """The attention modules of ``attention_heads`` (validated), one per parent of the layers."""
     if not attention_heads:
-        return {}
+        return []
     names = {id(m): n for n, m in model.named_modules()}
-    out: dict[str, int] = {}
+    by_parent: dict[tuple[str, int], list[tuple[str, int, int]]] = {}
     for layer, h in attention_heads.items():
         if id(layer) not in names:
             raise ValueError(f"attention_heads contains a module that is not part of model: {layer!r}")
@@ -618,7 +783,15 @@ def _check_heads(model: nn.Module, attention_heads: Mapping[nn.Module, int] | No
                 f"attention_heads[{names[id(layer)]}] must be an int >= 1 dividing its "
                 f"{layer.out_features} outputs, got {h!r}"
             )
-        out[names[id(layer)]] = h
+        name = names[id(layer)]
+        # grouped by head count too: grouped-query attention gives k/v fewer heads than q
+        by_parent.setdefault((name.rpartition(".")[0], h), []).append((name, h, layer.out_features))
+    out = []
+    for (parent, _), layers in by_parent.items():
+        h = layers[0][1]
+        # one layer is a fused qkv (torch-pruning's rule too): 3 * h heads of equal size
+        per_layer = layers[0][2] // 3 if len(layers) == 1 and layers[0][2] % (3 * h) == 0 else layers[0][2]
+        out.append(AttentionHeads(parent, tuple(n for n, _, _ in layers), h, per_layer // h, found=False))
     return out
 
 
@@ -632,21 +805,75 @@ _PRUNING_HINT = (
 
 
 _HEADS_GIVEN_HINT = (
-    "It could not follow the attention even with attention_heads: split q/k/v with "
-    "qkv.unbind(0) rather than by indexing, reshape with -1 rather than a width captured "
-    "before pruning, or put the attention's layers in ignored_layers"
+    "It could not follow the attention even with whole heads removed and num_heads (attn_dim, "
+    "all_head_size) updated: split q/k/v with qkv.unbind(0) rather than by indexing, reshape "
+    "with self.num_heads and self.head_dim or -1 rather than a width captured before pruning "
+    "(such as c from x.shape), or put the attention's layers in ignored_layers"
 )
 
+_NO_ATTENTION_HINT = "Add the layers whose width must not change to ignored_layers"
 
-def _check_forward(model: nn.Module, inputs: Any) -> None:
-    """Run the pruned model once; a broken forward becomes an error that says what to do."""
+
+def _hint(model: nn.Module, attentions: Sequence[AttentionHeads]) -> str:
+    """The advice that applies to this model: attention advice only where there is attention."""
+    if attentions:
+        modules = ", ".join(a.module or "(model)" for a in attentions[:4]) + (" ..." if len(attentions) > 4 else "")
+        return f"Attention with whole heads pruned: {modules}. {_HEADS_GIVEN_HINT}"
+    if attention_like(model):
+        return _PRUNING_HINT
+    return _NO_ATTENTION_HINT
+
+
+def _output_shapes(model: nn.Module, inputs: Any) -> dict[str, tuple[int, ...]]:
+    """``{output path: shape}`` of one forward pass (paths as :func:`flatten_outputs` names them)."""
+    with torch.no_grad():
+        return {path: tuple(t.shape) for path, t in flatten_outputs(call_model(model, inputs))}
+
+
+def _check_forward(model: nn.Module, inputs: Any) -> dict[str, tuple[int, ...]]:
+    """Output shapes of the pruned model; a broken forward is :class:`_Broken`."""
     try:
-        with torch.no_grad():
-            model(*inputs) if isinstance(inputs, tuple | list) else model(inputs)
+        return _output_shapes(model, inputs)
     except Exception as exc:
+        raise _Broken(f"the pruned model's forward fails ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_outputs(
+    pruned: nn.Module, inputs: Any, before: dict[str, tuple[int, ...]], after: dict[str, tuple[int, ...]],
+    widths_before: dict[str, int],
+) -> None:
+    """Refuse a pruned model whose outputs differ in name or shape from the input model's.
+
+    The output layers keep their widths by construction; this is the invariant behind that
+    rule, checked on the result whatever the tracer found. The message names the output and
+    the layers producing it (read off the pruned model's autograd graph) whose width changed.
+
+    Raises:
+        ValueError: naming the first output that differs.
+    """
+    if before == after:
+        return
+    missing = [p for p in before if p not in after]
+    extra = [p for p in after if p not in before]
+    if missing or extra:
         raise ValueError(
-            f"the pruned model's forward fails ({type(exc).__name__}: {exc}). {_PRUNING_HINT}"
-        ) from exc
+            f"pruning changed the model's outputs: {missing or 'none'} missing, {extra or 'none'} "
+            "new; refusing the pruned model"
+        )
+    path = next(p for p in before if before[p] != after[p])
+    widths = _widths(pruned)
+    try:
+        producers = output_producers(pruned, inputs, lambda m: isinstance(m, _WIDTH_TYPES))[path]
+    except Exception:  # the autograd walk is only for the message
+        producers = set()
+    changed = sorted(n for n in producers if widths_before.get(n) != widths.get(n))
+    culprits = changed or sorted(n for n in widths if widths_before.get(n) != widths[n])[:5]
+    why = ", ".join(f"{n} (out width {widths_before.get(n)} -> {widths.get(n)})" for n in culprits)
+    raise ValueError(
+        f"pruning changed {path} from shape {before[path]} to {after[path]}: it comes from "
+        f"{why or 'a layer whose width changed'}. Put {', '.join(culprits) or 'that layer'} in "
+        "ignored_layers; refusing the pruned model"
+    )
 
 
 def _check_target(params_ratio: float | None, macs_ratio: float | None) -> tuple[str, float, str]:
@@ -690,30 +917,28 @@ def _importance_factory(
     )
 
 
-def _output_layers(model: nn.Module) -> list[nn.Module]:
+def _output_layer_names(model: nn.Module, inputs: Any) -> list[str]:
     """The conv/linear layers producing the model's outputs: every head of a multi-output model.
 
-    Found on the FX graph (walking back from each output through non-layer operations);
-    an untraceable model falls back to :func:`_default_classifier`.
+    Found on the FX graph traced with every conv/linear subclass kept whole (timm's
+    ``Linear`` is the classifier, not its ``F.linear``), else on the autograd graph of one
+    forward pass; when both fail, :func:`_default_classifier`.
     """
-    from qtemperate.fx_graph import output_layer_names
-
-    names = output_layer_names(model, lambda m: isinstance(m, nn.modules.conv._ConvNd | nn.Linear))
+    names = output_layer_names(model, lambda m: isinstance(m, _WIDTH_TYPES), inputs)
     if names:
-        return [model.get_submodule(n) for n in sorted(names)]
+        return sorted(names)
     classifier = _default_classifier(model)
-    return [] if classifier is None else [classifier]
+    return [n for n, m in model.named_modules() if m is classifier][:1]
 
 
 def _ignored_names(model: nn.Module, ignored_layers: Sequence[nn.Module] | None) -> list[str]:
-    """Qualified names of the ignored modules plus the output layers (their widths are the outputs)."""
+    """Qualified names of the ignored modules."""
     names = {id(m): n for n, m in model.named_modules()}
     out: list[str] = []
     for m in ignored_layers or []:
         if id(m) not in names:
             raise ValueError(f"ignored_layers contains a module that is not part of model: {m!r}")
         out.append(names[id(m)])
-    out += [names[id(m)] for m in _output_layers(model) if names[id(m)] not in out]
     return out
 
 
@@ -735,9 +960,20 @@ def prune(
 
     The input ``model`` is not modified: a deep copy is pruned and returned (in the
     input's train/eval mode). The output layers (every conv/linear whose output reaches
-    a model output: the classifier, or each head of a model returning a dict/tuple; the
-    last ``nn.Linear``, else the last conv, when the model is not FX-traceable) and every
-    module in ``ignored_layers`` keep their output width.
+    a model output: the classifier, or each head of a model returning a dict/tuple; found
+    on the FX graph with every conv/linear subclass such as timm's ``Linear`` kept whole,
+    else on the autograd graph of one forward pass) and every module in ``ignored_layers``
+    keep their output width. The result is checked: every output of the pruned model on
+    ``example_inputs`` has the name and shape it had, or the call is refused.
+
+    Attention modules written the timm / Hugging Face way (:mod:`qtemperate.attention_heads`:
+    q/k/v or fused qkv Linears and a ``num_heads``-style attribute) lose whole heads without
+    being named, and their head count and attention width attributes follow.
+
+    When torch-pruning cannot finish the model (it loses track of a dimension, or the pruned
+    forward breaks), one step is tried instead of ``iterative_steps``, then the layers whose
+    pruning breaks the model are found group by group and kept at full width; what worked
+    is said in a warning, what did not in the error.
 
     Args:
         model: Float model (conv/linear/BN; residual adds are followed by DepGraph).
@@ -760,12 +996,15 @@ def prune(
             ResNet-8 pruned to widths like 15/30/61 ran int8 barely faster than float.
             Coarser widths make the target harder to hit exactly.
         attention_heads: ``{layer: heads}`` for the q/k/v (or fused qkv) ``nn.Linear``
-            layers of hand-written attention. Their whole heads are removed (at the same
-            uniform ratio as channels, at least one head kept) instead of channels inside
-            heads, and the parent module's ``num_heads`` (or ``n_heads``/``heads``)
-            attribute is set to the new count, so a forward reshaping to
-            ``(b, n, self.num_heads, self.head_dim)`` stays valid. ``nn.MultiheadAttention``
-            needs no entry (torch-pruning shrinks its head size consistently). With heads the
+            layers of attention the module tree does not show (found attention needs no
+            entry; an entry replaces what was found for that module). Whole heads are
+            removed (at the same uniform ratio as channels, at least one head kept) instead
+            of channels inside heads; the parent module's head count (``num_heads``,
+            ``num_attention_heads``, ``n_heads``, ``heads``) becomes the new count ``h'`` and
+            its width (``attn_dim``, ``all_head_size``) ``h' * head_dim``, the head size kept,
+            so a forward reshaping to ``(b, n, self.num_heads, self.head_dim)`` stays valid.
+            ``nn.MultiheadAttention`` needs no entry (its attention width is its
+            ``embed_dim``: torch-pruning shrinks its head size consistently). With heads the
             pruning runs in one step (torch-pruning's iterative head schedule would remove
             every head).
 
@@ -777,7 +1016,9 @@ def prune(
     Raises:
         ValueError: on a bad argument (both or neither target, a ratio outside
             (0, 1], bad ``iterative_steps``/``max_layer_ratio``/``bn_batches``, a
-            module of ``ignored_layers`` not in ``model``) or an unreachable target.
+            module of ``ignored_layers`` not in ``model``), an unreachable target, a model
+            torch-pruning cannot prune (saying what was tried), or a pruned model whose
+            outputs changed (naming the output and the layer).
         KeyError: for an unknown ``importance`` name (the message lists known ones).
     """
     start = time.perf_counter()
@@ -794,7 +1035,9 @@ class ChannelPruner:
 
     :func:`prune` is ``ChannelPruner(...).prune(goal, ...)``; a caller that prunes the same
     model to several budgets (the planner's bytes search) keeps the pruner, so every ratio
-    search runs on the same DepGraph (built once) and the same unpruned working copy.
+    search runs on the same DepGraph (built once) and the same unpruned working copy. A
+    setting found to work after torch-pruning failed (one step, more ignored layers) is kept
+    for the later calls, and each call's warning repeats it.
 
     Args:
         model: Float model (not modified; a deep copy is kept).
@@ -823,11 +1066,104 @@ class ChannelPruner:
         self.was_training = model.training
         work = copy.deepcopy(model).eval()  # eval: tracing forwards must not touch BN stats
         self.inputs = _to_device(example_inputs, _model_device(work))
-        heads = _check_heads(model, attention_heads)
-        self.state = _Pruning(work, self.inputs, _ignored_names(model, ignored_layers), target,
-                              max_layer_ratio, round_to, heads)
+        given = _check_heads(model, attention_heads)
+        ignored = _ignored_names(model, ignored_layers)
+        try:
+            outputs = _output_shapes(work, self.inputs)
+        except Exception as exc:
+            raise ValueError(
+                f"the model's forward fails on example_inputs ({type(exc).__name__}: {exc})"
+            ) from exc
+        ignored += [n for n in _output_layer_names(work, self.inputs) if n not in ignored]
+        given_layers = {n for a in given for n in a.layers}
+        found = [
+            a for a in find_attention(work)
+            if not given_layers.intersection(a.layers) and not set(ignored).intersection(a.layers)
+        ]
+        self.state = _Pruning(work, self.inputs, ignored, target, max_layer_ratio, round_to,
+                              given + found, outputs)
         self.widths_before = _widths(work)
-        self._r_max: float | None = None
+        self._steps: int | None = None  # the steps a fallback found to work (None: as asked)
+        self._note = ""  # what the fallback changed, repeated in a warning by every prune
+
+    def _attempt(
+        self, state: _Pruning, goal: float, imp_factory: Callable[[], tp.importance.Importance], steps: int,
+    ) -> tuple[nn.Module, float, dict[str, tuple[int, ...]]]:
+        """``(pruned model, channel ratio, output shapes)`` of one try at ``goal``.
+
+        Raises:
+            _Broken: torch-pruning cannot finish, or the pruned forward fails.
+            UnreachableTarget: ``goal`` is below what ``max_layer_ratio`` allows.
+        """
+        state.trials = 0
+        try:
+            r_max = state.ratio_upper_bound()
+        except _TP_ERRORS as exc:
+            raise _Broken(f"torch-pruning failed ({type(exc).__name__}: {exc})") from exc
+        ratio, predicted = state.search(goal, r_max)
+        pruned = state.run(ratio, imp_factory(), steps)
+        achieved = state.measure(pruned)
+        for _ in range(_MAX_REFINES):
+            if abs(achieved - goal) <= _ACCEPT_TOL or math.isclose(achieved, predicted):
+                break
+            # The real run disagreed with the trial: shift the goal by the offset and redo.
+            ratio, predicted = state.search(min(1.0, max(1e-6, 2 * goal - achieved)), r_max)
+            pruned = state.run(ratio, imp_factory(), steps)
+            achieved = state.measure(pruned)
+        return pruned, ratio, _check_forward(pruned, self.inputs)
+
+    def _recover(
+        self, goal: float, imp_factory: Callable[[], tp.importance.Importance], steps: int, first: _Broken,
+    ) -> tuple[nn.Module, float, dict[str, tuple[int, ...]]]:
+        """Try what else may work after ``first``: one step, then the breaking layers ignored.
+
+        What works becomes this pruner's setting (kept for later calls) and is said in a
+        warning; when nothing works the error lists every try and the advice that applies.
+        """
+        state = self.state
+        tried = [f"with iterative_steps={steps}: {first}"]
+        if steps > 1 and not state.heads:
+            try:
+                result = self._attempt(state, goal, imp_factory, 1)
+            except _Broken as exc:
+                tried.append(f"in 1 step: {exc}")
+            else:
+                self._steps = 1
+                self._note = (f"torch-pruning could not prune this model with iterative_steps={steps} "
+                              f"({first}); pruned in 1 step instead")
+                return result
+        breaking = state.breaking_layers()
+        if breaking is not None and breaking[0]:
+            roots, touched = breaking
+            keep = [a for a in state.attentions if not touched.intersection(a.layers)]
+            fallback = _Pruning(state.model, state.inputs, state.ignored_names + roots, state.target,
+                                state.max_layer_ratio, state.round_to, keep, state.outputs)
+            shown = ", ".join(roots[:6]) + (f" and {len(roots) - 6} more" if len(roots) > 6 else "")
+            label = f"with {shown} also in ignored_layers"
+            for n in dict.fromkeys([steps, 1]) if not fallback.heads else [1]:
+                try:
+                    result = self._attempt(fallback, goal, imp_factory, n)
+                except _Broken as exc:
+                    tried.append(f"{label}, {n} step(s): {exc}")
+                    continue
+                except UnreachableTarget as exc:
+                    tried.append(f"{label}: it works, but the smallest kept fraction is {exc.smallest:.4f}")
+                    break
+                self.state, self._steps = fallback, n
+                dropped = [a.module for a in state.attentions if a not in keep]
+                self._note = (
+                    f"torch-pruning could not prune this model ({first}); pruned {label} (pruning "
+                    "them breaks the forward; found by trying group by group)"
+                    + (f", in {n} step(s) instead of {steps}" if n != steps and not state.heads else "")
+                    + (f"; attention {', '.join(dropped)} keeps all its heads" if dropped else "")
+                )
+                return result
+        elif breaking is None:
+            tried.append("no set of layers to ignore was found by trying group by group")
+        raise ValueError(
+            f"torch-pruning could not prune this model. Tried {'; '.join(tried)}. "
+            f"{_hint(state.model, state.attentions)}"
+        ) from first
 
     def prune(
         self,
@@ -845,29 +1181,23 @@ class ChannelPruner:
             raise ValueError(f"{arg} must be in (0, 1], got {goal!r}")
         _check_counts(iterative_steps, self.state.max_layer_ratio, bn_batches, self.state.round_to)
         imp_name, imp_factory = _importance_factory(importance)
+        steps = self._steps or iterative_steps
+        try:
+            pruned, ratio, outputs = self._attempt(self.state, goal, imp_factory, steps)
+        except _Broken as first:
+            pruned, ratio, outputs = self._recover(goal, imp_factory, steps, first)
+        if self._note:
+            warnings.warn(self._note, stacklevel=3)
         state, target = self.state, self.target
-        state.trials = 0
-        if self._r_max is None:
-            self._r_max = state.ratio_upper_bound()
-        r_max = self._r_max
-        ratio, predicted = state.search(goal, r_max)
-        pruned = state.run(ratio, imp_factory(), iterative_steps)
         achieved = state.measure(pruned)
-        for _ in range(_MAX_REFINES):
-            if abs(achieved - goal) <= _ACCEPT_TOL or math.isclose(achieved, predicted):
-                break
-            # The real run disagreed with the trial: shift the goal by the offset and redo.
-            ratio, predicted = state.search(min(1.0, max(1e-6, 2 * goal - achieved)), r_max)
-            pruned = state.run(ratio, imp_factory(), iterative_steps)
-            achieved = state.measure(pruned)
         if abs(achieved - goal) > _ACCEPT_TOL:
             warnings.warn(
                 f"pruning reached {target} ratio {achieved:.4f}, more than {_ACCEPT_TOL} from "
                 f"{arg}={goal}: the model's channel granularity is too coarse",
                 stacklevel=3,
             )
+        _check_outputs(pruned, self.inputs, state.outputs, outputs, self.widths_before)
 
-        _check_forward(pruned, self.inputs)
         if calibration_loader is not None:
             recalibrate_batchnorm(pruned, calibration_loader, bn_batches)
         pruned.train(self.was_training)
@@ -885,7 +1215,7 @@ class ChannelPruner:
             target=target,
             target_ratio=goal,
             importance=imp_name,
-            iterative_steps=1 if state.heads else iterative_steps,
+            iterative_steps=1 if state.heads else (self._steps or iterative_steps),
             trials=state.trials,
             seconds=time.perf_counter() - start,
             layer_widths={n: (w, widths_after.get(n, 0)) for n, w in self.widths_before.items()},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -335,10 +336,10 @@ def test_hand_written_attention_loses_whole_heads() -> None:
 
     x = torch.randn(2, 1, 8, 8)
     model = HandAttentionClassifier().eval()
-    with pytest.raises(ValueError, match="attention_heads"):
-        prune(model, x, target_params_ratio=0.6)  # the reshape to 4 heads breaks: said so
     a = model.attn
+    _found, report_found = prune(model, x, target_params_ratio=0.6)  # q/k/v + num_heads: found
     pruned, report = prune(model, x, target_params_ratio=0.6, attention_heads={a.q: 4, a.k: 4, a.v: 4})
+    assert report_found.heads == report.heads  # the same heads, given or found
     assert abs(report.params_ratio - 0.6) <= TOL
     heads = pruned.attn.num_heads
     assert report.heads == {"attn.q": (4, heads), "attn.k": (4, heads), "attn.v": (4, heads)}
@@ -364,14 +365,20 @@ def test_attention_heads_are_validated() -> None:
 
 @pytest.mark.filterwarnings("ignore:Unwrapped parameters")
 def test_attention_torch_pruning_cannot_follow_is_an_error_that_says_what_to_do() -> None:
+    """The forward indexes qkv and reshapes with ``c`` from ``x.shape``: torch-pruning cannot
+    follow it with its heads found or given; keeping the attention whole leaves nothing to
+    prune (its projection writes the residual stream), and the error says all of that."""
     from tests.quantization.architectures import FusedQKVClassifier
 
     model = FusedQKVClassifier().eval()
     x = torch.randn(2, 1, 8, 8)
-    with pytest.raises(ValueError, match=r"IndexError.*attention_heads=\{q_layer"):  # was a bare IndexError
-        prune(model, x, target_params_ratio=0.8)
-    with pytest.raises(ValueError, match=r"even with attention_heads: split q/k/v with qkv\.unbind"):
-        prune(model, x, target_params_ratio=0.8, attention_heads={model.attn.qkv: 4})
+    for heads in (None, {model.attn.qkv: 4}):
+        with pytest.raises(ValueError) as info:
+            prune(model, x, target_params_ratio=0.8, attention_heads=heads)
+        msg = str(info.value)
+        assert "IndexError" in msg  # was a bare IndexError
+        assert "with attn.qkv, attn.proj also in ignored_layers: it works, but the smallest kept fraction is 1.0000" in msg
+        assert "split q/k/v with qkv.unbind(0)" in msg and "attention_heads={q_layer" not in msg
 
 
 def test_every_output_head_of_a_multi_output_model_keeps_its_width() -> None:
@@ -402,3 +409,213 @@ def test_every_output_head_of_a_multi_output_model_keeps_its_width() -> None:
     )
     assert pruned.c2.weight.shape[0] < 32  # the budget is met by the backbone
     assert abs(_numel(pruned) / _numel(model) - 0.6) <= TOL
+
+
+# --------------------------------------------------------------------------- outputs kept
+@pytest.mark.filterwarnings("ignore:torch-pruning could not prune")  # 16 steps on the head: 1 step
+def test_outputs_that_would_change_are_refused_naming_the_output_and_the_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever the tracer finds, the pruned model's outputs are compared with the input model's."""
+    import qtemperate.pruning as pruning
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(16, 32)
+            self.cls = nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            h = torch.relu(self.body(x))
+            return h.mean(1), {"logits": self.cls(h)}
+
+    monkeypatch.setattr(pruning, "_output_layer_names", lambda model, inputs: [])  # a tracer that misses
+    torch.manual_seed(0)
+    with pytest.raises(ValueError) as info:
+        prune(TwoHeads(), torch.randn(4, 16), target_params_ratio=0.7)
+    msg = str(info.value)
+    assert "output[1]['logits'] from shape (4, 10) to (4, " in msg
+    assert "it comes from cls (out width 10 -> " in msg and "Put cls in ignored_layers" in msg
+
+
+def test_output_layers_are_found_inside_linear_subclasses() -> None:
+    """timm's ``Linear`` subclasses ``nn.Linear`` outside ``torch.nn``: FX's default tracer
+    steps inside it and loses the classifier; the classifier keeps its width."""
+
+    class CastLinear(nn.Linear):  # what timm.layers.Linear does
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), CastLinear(32, 10))
+    torch.manual_seed(0)
+    pruned, report = prune(model, torch.randn(2, 1, 8, 8), target_params_ratio=0.5)
+    assert report.layer_widths["6"] == (10, 10) and report.layer_widths["2"][1] < 32
+    assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+# --------------------------------------------------------------------------- torch-pruning fails
+class _SplitMix(nn.Module):
+    """MixNet's mixed depthwise conv: a split with sizes fixed at construction."""
+
+    def __init__(self, tail: bool) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(1, 16, 1)
+        self.splits = [8, 8]
+        self.a = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+        self.tail = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()) if tail else nn.Identity()
+        self.fc = nn.Linear(32 if tail else 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xa, xb = torch.split(torch.relu(self.pw(x)), self.splits, 1)
+        return self.fc(self.tail(torch.cat([self.a(xa), self.b(xb)], 1)).mean((2, 3)))
+
+
+def test_layers_whose_pruning_breaks_the_forward_are_found_and_kept() -> None:
+    torch.manual_seed(0)
+    model, x = _SplitMix(tail=True).eval(), torch.randn(2, 1, 8, 8)
+    with pytest.warns(UserWarning, match=r"also in ignored_layers \(pruning them breaks the forward; found by trying"):
+        pruned, report = prune(model, x, target_params_ratio=0.6)
+    # the split's input keeps its 16 channels: its group (pw, a, b) is left whole
+    assert report.layer_widths["pw"] == (16, 16) and report.layer_widths["tail.0"][1] < 32
+    assert abs(report.params_ratio - 0.6) <= TOL and pruned(x).shape == (2, 10)
+
+
+def test_what_was_tried_is_said_and_attention_advice_only_for_attention() -> None:
+    model, x = _SplitMix(tail=False).eval(), torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError) as info:
+        prune(model, x, target_params_ratio=0.6, iterative_steps=4)
+    msg = str(info.value)
+    assert "Tried with iterative_steps=4: torch-pruning failed (IndexError" in msg
+    assert "in 1 step: the pruned model's forward fails (RuntimeError: split_with_sizes" in msg
+    assert "also in ignored_layers: it works, but the smallest kept fraction is 1.0000" in msg
+    assert msg.endswith("Add the layers whose width must not change to ignored_layers")
+    assert "attention" not in msg.lower()  # no heads here: no advice about them
+
+
+def test_a_model_torch_pruning_finishes_only_in_one_step_is_pruned_in_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch_pruning as tp
+
+    step = tp.pruner.BasePruner.step
+
+    def fails_after_the_first_step(self: tp.pruner.BasePruner, interactive: bool = False) -> object:
+        if self.current_step >= 1 and not interactive:
+            raise IndexError("index 706 is out of bounds for dimension 0 with size 706")
+        return step(self, interactive)
+
+    monkeypatch.setattr(tp.pruner.BasePruner, "step", fails_after_the_first_step)
+    model, x = build_model("small_cnn", width=8), torch.randn(1, 1, 8, 8)
+    with pytest.warns(UserWarning, match=r"with iterative_steps=4 \(torch-pruning failed \(IndexError.*pruned in 1 step instead"):
+        _pruned, report = prune(model, x, target_params_ratio=0.6, iterative_steps=4)
+    assert report.iterative_steps == 1 and abs(report.params_ratio - 0.6) <= TOL
+
+
+# --------------------------------------------------------------------------- attention found
+class HFSelfAttention(nn.Module):
+    """Hugging Face's ``BertSelfAttention``, written out: separate query/key/value Linears."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.num_attention_heads = heads
+        self.attention_head_size = hidden // heads
+        self.all_head_size = heads * self.attention_head_size
+        self.query = nn.Linear(hidden, self.all_head_size)
+        self.key = nn.Linear(hidden, self.all_head_size)
+        self.value = nn.Linear(hidden, self.all_head_size)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size).permute(0, 2, 1, 3)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(self.query(h)), self._heads(self.key(h)), self._heads(self.value(h))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
+        ctx = (scores.softmax(-1) @ v).permute(0, 2, 1, 3).contiguous()
+        return ctx.view(*ctx.shape[:-2], self.all_head_size)
+
+
+class HFBlockClassifier(nn.Module):
+    """Tokens, HF self-attention with its separate output ``dense`` + LayerNorm, a classifier."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, hidden)
+        self.self_attn = HFSelfAttention(hidden, heads)
+        self.dense = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.classifier = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = self.norm(h + self.dense(self.self_attn(h)))
+        return self.classifier(h[:, 0])
+
+
+@pytest.mark.filterwarnings("ignore:pruning reached")  # 4 heads: a coarse grid
+def test_hugging_face_style_attention_loses_whole_heads_without_being_named() -> None:
+    torch.manual_seed(0)
+    model, x = HFBlockClassifier().eval(), torch.randn(2, 5, 6)
+    # the embedding kept whole: every pruned q/k/v row block must be an original head, unchanged
+    pruned, report = prune(model, x, target_params_ratio=0.6, ignored_layers=[model.embed])
+    attn = pruned.self_attn
+    h = attn.num_attention_heads
+    assert report.heads == {f"self_attn.{n}": (4, h) for n in ("query", "key", "value")} and 1 <= h < 4
+    assert attn.attention_head_size == 8 and attn.all_head_size == h * 8 == pruned.dense.in_features
+    kept = []
+    for name in ("query", "key", "value"):
+        before = getattr(model.self_attn, name).weight.view(4, 8, 32)
+        after = getattr(attn, name).weight.view(h, 8, 32)
+        kept.append([next(j for j in range(4) if torch.equal(after[i], before[j])) for i in range(h)])
+    assert kept[0] == kept[1] == kept[2] and len(set(kept[0])) == h  # the same whole heads of q, k, v
+    assert pruned(x).shape == (2, 10) and report.params_ratio == _numel(pruned) / _numel(model)
+
+
+def _vit(timm: object) -> nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10).eval()
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters")  # cls_token, pos_embed: pruned on their width
+def test_timm_vit_loses_whole_heads_found_in_its_module_tree() -> None:
+    from tests.zoo_support import import_timm
+
+    timm = import_timm()
+    torch.manual_seed(0)
+    model, x = _vit(timm), torch.randn(2, 3, 32, 32)
+    pruned, report = prune(model, x, target_params_ratio=0.5)
+    assert set(report.heads) == {f"blocks.{i}.attn.qkv" for i in range(12)}
+    for block in pruned.blocks:
+        a, h = block.attn, block.attn.num_heads
+        assert 1 <= h < 3 and a.head_dim == 64 and a.scale == 64 ** -0.5  # whole heads, size kept
+        assert a.attn_dim == h * 64 and a.qkv.out_features == 3 * h * 64 == 3 * a.proj.in_features
+    assert report.layer_widths["head"] == (10, 10) and abs(report.params_ratio - 0.5) <= TOL
+    fused = pruned(x)
+    for block in pruned.blocks:
+        block.attn.fused_attn = False  # timm's written-out path reads num_heads, head_dim, scale
+    manual = pruned(x)
+    # both paths sum the same products in another order: |y| * eps * (reductions on the way)
+    depth = sum(b.attn.attn_dim + b.mlp.fc1.out_features + 65 for b in pruned.blocks)
+    bound = fused.abs().max().item() * torch.finfo(torch.float32).eps * depth
+    assert fused.shape == (2, 10) and (fused - manual).abs().max().item() <= bound
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters")
+def test_timm_vit_heads_given_as_the_readme_shows() -> None:
+    from tests.zoo_support import import_timm
+
+    model = _vit(import_timm())
+    heads = {b.attn.qkv: b.attn.num_heads for b in model.blocks}
+    pruned, _report = prune(model, torch.randn(2, 3, 32, 32), target_params_ratio=0.5, attention_heads=heads)
+    assert all(b.attn.attn_dim == b.attn.num_heads * 64 < 192 for b in pruned.blocks)
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_timm_mobilenetv3_keeps_its_classifier() -> None:
+    """Its classifier is a timm ``Linear``: it was cut from 10 outputs to 6, silently."""
+    from tests.zoo_support import import_timm
+
+    timm = import_timm()
+    torch.manual_seed(0)
+    model, x = timm.create_model("mobilenetv3_small_050", num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+    pruned, report = prune(model, x, target_params_ratio=0.5)
+    assert report.layer_widths["classifier"] == (10, 10) and report.layer_widths["conv_head"][1] < 1024
+    assert pruned(x).shape == (2, 10) and abs(report.params_ratio - 0.5) <= TOL
