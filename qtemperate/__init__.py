@@ -70,6 +70,8 @@ if TYPE_CHECKING:
     from qtemperate.export import export_and_check as export_and_check
     from qtemperate.export import export_onnx as export_onnx
     from qtemperate.export import verify_onnx as verify_onnx
+    from qtemperate.latency import LatencySpec as LatencySpec
+    from qtemperate.latency import predict_latency as predict_latency
     from qtemperate.models import MODELS as MODELS
     from qtemperate.models import ResidualAdd as ResidualAdd
     from qtemperate.models import build_model as build_model
@@ -125,6 +127,8 @@ warnings.filterwarnings("ignore", message="fast_hadamard_transform package not f
 _LAZY = {
     "build_model": "qtemperate.models",
     "prune": "qtemperate.pruning",
+    "LatencySpec": "qtemperate.latency",
+    "predict_latency": "qtemperate.latency",
     "PruneReport": "qtemperate.pruning",
     "quantize": "qtemperate.quantization",
     "set_bit_width": "qtemperate.quantization",
@@ -217,6 +221,7 @@ __all__ = [
     "HeadLoss",
     "JointScheduler",
     "JsonlLogger",
+    "LatencySpec",
     "LookupTableTemperature",
     "MetricLogger",
     "ModelFacts",
@@ -277,6 +282,7 @@ __all__ = [
     "plan_recipe",
     "plan_student",
     "plan_sweep",
+    "predict_latency",
     "preflight",
     "prune",
     "pruning_plan",
