@@ -83,7 +83,8 @@ def quickstart(dry: bool, tmp: Path) -> dict[str, Any]:
 
     run_dir = tmp / "quickstart"
     if dry:
-        sets = ["data.name=digits", "data.limit_train=null", "data.limit_test=null", "teacher.train.epochs=1",
+        sets = ["data.name=digits", "data.limit_train=null", "data.limit_test=null", "teacher.checkpoint=null",
+                "teacher.train={epochs: 1, lr: 0.1}",
                 "stages.0.epochs=1", "stages.1.epochs=1", "export.benchmark_iters=2", "export.batch_sizes=[1]"]
         note = "dry run: sklearn digits on the CPU"
     else:
@@ -92,7 +93,9 @@ def quickstart(dry: bool, tmp: Path) -> dict[str, Any]:
             check_data_available("fashion_mnist", None)
         except (FileNotFoundError, ImportError):
             sets = ["data.name=synthetic", "data.limit_train=null", "data.limit_test=null",
-                    "data.kwargs={num_classes: 10, in_channels: 1, image_size: 28, n_train: 12000, n_test: 2000}"]
+                    "data.kwargs={num_classes: 10, in_channels: 1, image_size: 28, n_train: 12000, n_test: 2000}",
+                    # the shipped teacher knows Fashion-MNIST, not this data: train one here
+                    "teacher.checkpoint=null", "teacher.train={epochs: 4, lr: 0.1}"]
             note = "Fashion-MNIST files absent: synthetic data of the same shape"
     args = ["recipes/fashion_mnist_quickstart.yaml", "--run-dir", str(run_dir)]
     for s in sets:
