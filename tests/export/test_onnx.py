@@ -22,6 +22,7 @@ from qtemperate.export import (
 )
 from qtemperate.models import build_model
 from qtemperate.quantization import quantize, set_bit_width
+from tests.numerics import assert_runtime_exact
 
 torch.set_num_threads(1)
 
@@ -42,9 +43,9 @@ def test_int8_export_agrees_with_pytorch_on_256_real_images(tmp_path, digits, tr
     assert isinstance(report, VerifyReport)
     print(f"int8 ONNX vs PyTorch: {report}")
     assert report.n == 256
-    assert report.top1_agreement >= 0.99
-    assert 0.0 <= report.max_abs_diff < 0.5
-    assert report.graph_agreement >= 0.99 and report.graph_max_abs_diff < 0.5
+    # trained for this CPU class: both sessions equal PyTorch up to float rounding
+    # (tol = 2 γ_L max|logit|, tests.numerics), near-ties of the logits set aside
+    assert_runtime_exact(path, q, xte[:256], report)
     assert set(report.outputs) == {"logits"}
     assert report.outputs["logits"].deployed.agreement == report.top1_agreement
     # the same comparison batched through an iterable of (x, y) pairs
@@ -86,8 +87,7 @@ def test_float_export_matches_pytorch(tmp_path, digits, trained) -> None:
     model, _ = trained
     path = export_onnx(model, tmp_path / "float.onnx", xte[:1])
     report = verify_onnx(path, model, xte[:256])
-    assert report.top1_agreement == 1.0
-    assert report.max_abs_diff < 1e-4
+    assert_runtime_exact(path, model, xte[:256], report)  # float rounding only, near-ties set aside
 
 
 def test_4bit_export_packs_int4_and_halves_the_weight_bytes(tmp_path, digits) -> None:
@@ -124,7 +124,7 @@ def test_4bit_export_packs_int4_and_halves_the_weight_bytes(tmp_path, digits) ->
 
     report = verify_onnx(p4, q, xte[:256])
     print(f"int4 ONNX vs PyTorch: {report}")
-    assert report.top1_agreement >= 0.99
+    assert_runtime_exact(p4, q, xte[:256], report)
 
 
 def test_benchmark_returns_positive_medians(tmp_path, digits, trained) -> None:
@@ -190,15 +190,14 @@ def test_pruned_w4a4_student_export_matches_pytorch(tmp_path, digits) -> None:
     steps(q, 15, 1e-3, 200)
     p8 = export_onnx(q, tmp_path / "w8a8.onnx", xte[:1])
     r8 = verify_onnx(p8, q, xte[:256])
+    assert_runtime_exact(p8, q, xte[:256], r8)  # float rounding only, no flipped levels
     set_bit_width(q, 4, 4)
     steps(q, 15, 1e-3, 300)
     p4 = export_onnx(q, tmp_path / "w4a4.onnx", xte[:1])
     r4 = verify_onnx(p4, q, xte[:256])
     print(f"pruned student ONNX vs PyTorch: W8A8 {r8}, W4A4 {r4}")
-    for report in (r8, r4):
-        assert report.n == 256
-        assert report.top1_agreement >= 0.99
-        assert report.max_abs_diff < 1e-3  # float rounding only, no flipped levels
+    assert r8.n == r4.n == 256
+    assert_runtime_exact(p4, q, xte[:256], r4)
     assert optimized_op_types(p4)["QLinearConv"] >= 1  # the 4-bit graph still runs int kernels
 
 
@@ -269,10 +268,11 @@ def test_dict_outputs_keep_their_names_and_are_verified_per_output(tmp_path, dig
         assert set(rep.outputs) == {"class", "box"}
         cls, box = rep.outputs["class"], rep.outputs["box"]
         assert box.deployed.agreement is None and box.graph.agreement is None  # a box is not a class
-        assert cls.deployed.agreement >= 0.99 and cls.graph.agreement >= 0.99
         assert rep.top1_agreement == cls.deployed.agreement
         assert rep.max_abs_diff == max(cls.deployed.max_abs_diff, box.deployed.max_abs_diff)
-        assert box.deployed.max_abs_diff < (1e-4 if name == "float" else 0.1)
+        # both heads, both sessions: float rounding only (tests.numerics), near-ties set aside
+        checks = assert_runtime_exact(path, m, xte[:128], rep)
+        assert checks["deployed"]["box"].agreement is None and checks["deployed"]["class"].agreement is not None
     assert optimized_op_types(tmp_path / "det_int8.onnx")["QGemm"] == 2  # both heads on int kernels
 
 
@@ -287,7 +287,8 @@ def test_tuple_outputs_are_numbered_and_classification_can_be_named(tmp_path, di
     rep = verify_onnx(path, tup, xte[:64])
     assert rep.top1_agreement is None  # generic names: nothing is taken for classes
     rep = verify_onnx(path, tup, xte[:64], classification_outputs=["output_0"])
-    assert rep.top1_agreement == 1.0 and rep.outputs["output_1"].deployed.agreement is None
+    assert rep.top1_agreement is not None and rep.outputs["output_1"].deployed.agreement is None
+    assert_runtime_exact(path, tup, xte[:64], rep, classes=("output_0",))  # near-ties set aside
 
 
 def test_unsupported_outputs_are_named(tmp_path, digits) -> None:
@@ -336,7 +337,10 @@ def test_resnet20_optimized_graph_keeps_only_boundary_quantizers(tmp_path, digit
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0
     assert ops["Conv"] == ops["Gemm"] == ops["Add"] == 0
     rep = verify_onnx(path, resnet20_q, xte[:64])
-    assert rep.top1_agreement >= 0.99 and rep.graph_agreement >= 0.99
+    # Random weights and BatchNorm statistics put some requantized values on a rounding
+    # boundary, where onnxruntime's float requantization and PyTorch's go either way (a
+    # whole level, max |Δ| ~ 0.05 measured): top-1 is claimed, near-ties set aside, not |Δ|.
+    assert_runtime_exact(path, resnet20_q, xte[:64], rep, bounded_diff=False)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
