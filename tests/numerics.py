@@ -48,6 +48,7 @@ __all__ = [
     "UNIT_ROUNDOFF",
     "Agreement",
     "RuntimeCheck",
+    "assert_accuracy_explained",
     "assert_figures_explained",
     "assert_runtime_exact",
     "compare_runtime",
@@ -412,9 +413,44 @@ def assert_runtime_exact(
     return checks
 
 
+def _forward(model: nn.Module, x: torch.Tensor) -> Any:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        model.train(was_training)
+
+
+def assert_accuracy_explained(
+    reported: float, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, output: str | None = None, what: str = ""
+) -> int:
+    """A reported accuracy equals one recomputed from ``model(x)``, but for near-ties.
+
+    The product scores in its own batches (other kernels, other rounding): a sample whose
+    logits' top-1 margin is at most ``2 tol`` (``tol = 2 γ_L max|logit|``) may be counted
+    either way. So ``|reported · N - correct| <= near-ties`` (counts, not floats).
+
+    Returns:
+        The number of near-ties.
+    """
+    logits = _forward(model, x)
+    logits = logits[output] if output is not None else logits
+    tol = output_tolerance(model, x, logits)
+    near = int((top1_margin(logits) <= 2 * tol).sum())
+    n = len(y)
+    correct = int((logits.argmax(1) == y).sum())
+    print(f"{what}: reported accuracy {reported} ({reported * n:.6g}/{n}), recomputed {correct}/{n}, "
+          f"{near} near-tie(s) (top-1 margin <= {2 * tol:.3g})")
+    assert abs(reported * n - correct) <= near + 1e-6 * n, (
+        f"{what}: reported {reported} vs recomputed {correct}/{n}: more apart than the {near} near-ties")
+    return near
+
+
 def assert_figures_explained(
     agreement: float | None, max_abs_diff: float | None, model: nn.Module, x: torch.Tensor,
-    *, bounded_diff: bool = True, min_agreement: float = 1.0, what: str = "",
+    *, bounded_diff: bool = True, min_agreement: float = 1.0, output: str | None = None, what: str = "",
 ) -> float:
     """A product's reported top-1 agreement / max |Δ| for ``model`` on ``x`` is float rounding.
 
@@ -424,18 +460,15 @@ def assert_figures_explained(
     levels, :func:`assert_runtime_exact`) and, with ``bounded_diff``, ``max_abs_diff``
     within ``2 γ_L max|ref|``.
 
+    ``output`` names the head of a model that returns a dict.
+
     Returns:
         The bound ``tol`` used.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = model(x)
-    finally:
-        model.train(was_training)
+    ref = _forward(model, x)
+    ref = ref[output] if output is not None else ref
     tol = output_tolerance(model, x, ref)
-    lowest = lowest_explained_agreement(ref, tol) - (1 - min_agreement)
+    lowest = lowest_explained_agreement(ref, tol) - (1 - min_agreement) if agreement is not None else 1.0
     print(f"{what}: reported agreement {agreement}, max |Δ| {max_abs_diff}; explained: "
           f">= {lowest:.4g} (near-ties of {len(ref)} with margin <= {2 * tol:.3g}), |Δ| <= {tol:.3g}")
     if agreement is not None:
