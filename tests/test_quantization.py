@@ -162,6 +162,7 @@ def _assert_within_rounding(model: nn.Module, x: torch.Tensor, ref: torch.Tensor
     assert err <= tol, f"max |folded - unfolded| = {err:.3g} > {tol:.3g}"
 
 
+@pytest.mark.numerics
 def test_bn_folding_matches_float_model_exactly() -> None:
     model = _randomize_bn(TinyResNet())
     x = torch.randn(8, 1, 8, 8)
@@ -176,6 +177,7 @@ def test_bn_folding_matches_float_model_exactly() -> None:
     _assert_within_rounding(model, x, ref, tol)
 
 
+@pytest.mark.numerics
 def test_bn_folding_falls_back_to_child_order_for_untraceable_models() -> None:
     class Untraceable(nn.Module):
         def __init__(self) -> None:
@@ -333,6 +335,7 @@ def test_switch_to_4_bits_reduces_levels_keeps_training_and_round_trips(
     assert all(_int_levels(fresh.get_submodule(n)) <= 15 for n in inner)
 
 
+@pytest.mark.numerics
 def test_biases_are_rounded_to_the_int32_grid_of_the_export(digits, trained_float) -> None:
     """Forward uses s_b * round(b / s_b), s_b = s_x * s_w (what the ONNX int32 bias holds)."""
     import copy

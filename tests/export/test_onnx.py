@@ -33,6 +33,7 @@ def _initializers(path) -> dict[str, onnx.TensorProto]:
     return {i.name: i for i in onnx.load(str(path)).graph.initializer}
 
 
+@pytest.mark.numerics
 def test_int8_export_agrees_with_pytorch_on_256_real_images(tmp_path, digits, trained) -> None:
     """CPU class: any (the detected one); the student is trained for it (``target="auto"``)."""
     _, _, xte, yte = digits
@@ -84,6 +85,7 @@ def test_int8_export_runs_integer_kernels_with_int32_bias(tmp_path, digits, trai
     assert ops["Conv"] == 0 and ops["FusedConv"] == 0 and ops["Gemm"] == 0
 
 
+@pytest.mark.numerics
 def test_float_export_matches_pytorch(tmp_path, digits, trained) -> None:
     _, _, xte, _ = digits
     model, _ = trained
@@ -92,6 +94,7 @@ def test_float_export_matches_pytorch(tmp_path, digits, trained) -> None:
     assert_runtime_exact(path, model, xte[:256], report)  # float rounding only, near-ties set aside
 
 
+@pytest.mark.numerics
 def test_4bit_export_packs_int4_and_halves_the_weight_bytes(tmp_path, digits) -> None:
     xtr, _, xte, _ = digits
     torch.manual_seed(0)
@@ -156,6 +159,7 @@ def test_bad_arguments_raise(tmp_path, digits, trained) -> None:
         benchmark_onnx(path, threads=0)
 
 
+@pytest.mark.numerics
 def test_pruned_w4a4_student_export_matches_pytorch(tmp_path, digits) -> None:
     """The pipeline path: prune -> W8A8 QAT -> set_bit_width(4, 4) -> QAT -> export.
 
@@ -258,6 +262,7 @@ def detector(digits) -> tuple[nn.Module, nn.Module]:
     return model, q.eval()
 
 
+@pytest.mark.numerics
 def test_dict_outputs_keep_their_names_and_are_verified_per_output(tmp_path, digits, detector) -> None:
     """CPU class: any (the detected one; the student is trained for it)."""
     _, _, xte, _ = digits
@@ -285,6 +290,7 @@ def test_dict_outputs_keep_their_names_and_are_verified_per_output(tmp_path, dig
     assert optimized_op_types(tmp_path / "det_int8.onnx")["QGemm"] == 2  # both heads on int kernels
 
 
+@pytest.mark.numerics
 def test_tuple_outputs_are_numbered_and_classification_can_be_named(tmp_path, digits, detector) -> None:
     _, _, xte, _ = digits
     model, _ = detector
@@ -331,6 +337,7 @@ def resnet20_q(digits) -> nn.Module:
     return quantize(model, calibration_loader=[xtr[:64]], calibration_batches=1, target="auto").eval()
 
 
+@pytest.mark.numerics
 def test_resnet20_optimized_graph_keeps_only_boundary_quantizers(tmp_path, digits, resnet20_q) -> None:
     """After onnxruntime's optimizer: one QuantizeLinear (the input), no DequantizeLinear left.
 

@@ -75,6 +75,7 @@ def data(digits) -> tuple[list[torch.Tensor], torch.Tensor]:  # type: ignore[no-
     return [xtr[i : i + 64] for i in range(0, 256, 64)], xte[:256]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", list(CASES))
 def test_pipeline_reports_the_truth_and_exports_what_it_reports(case: str, data, tmp_path) -> None:  # type: ignore[no-untyped-def]
     factory, target, heads, expected_float = CASES[case]

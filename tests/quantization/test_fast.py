@@ -119,6 +119,7 @@ def _to_brevitas(model: nn.Module) -> nn.Module:
 
 
 # -- closed forms -----------------------------------------------------------------------
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("lo,hi", [(-128, 127), (-127, 127), (0, 255), (-8, 7), (-7, 7), (0, 15), (-2, 1)])
 def test_mask_bounds_select_exactly_the_values_that_round_into_range(lo: int, hi: int, dtype: torch.dtype) -> None:
@@ -142,6 +143,7 @@ def test_half_precision_runs_brevitas_operations() -> None:
     assert torch.equal(q(x), ref(x))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("relu", [False, True])
 def test_fake_quant_is_the_closed_form_and_its_gradients(relu: bool) -> None:
     torch.manual_seed(0)
@@ -189,6 +191,7 @@ def _int_threshold(bits: int, signed: bool) -> float:
     return float(2 ** (bits - 1) if signed else 2**bits - 1)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("calibrated", [True, False])
@@ -235,6 +238,7 @@ def test_activation_quantizer_outputs_and_gradients_match_brevitas(bits: int, re
         assert fast.act_quant.fused_activation_quant_proxy.tensor_quant.can_fuse_relu()
 
 
+@pytest.mark.numerics
 def test_values_on_rounding_ties_and_range_edges_match_brevitas() -> None:
     """Inputs exactly at ``(k + 1/2) s`` and at the clamping edges, signed and unsigned."""
     for fast_p, ref_p, relu in ((Int8ActPerTensorFloatStatefulBitWidth, RefInt8Act, False),
@@ -260,6 +264,7 @@ def test_values_on_rounding_ties_and_range_edges_match_brevitas() -> None:
         assert torch.equal(x.grad == 0, x_ref.grad == 0)  # the same mask
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_conv_outputs_and_weight_threshold_input_gradients_match_brevitas(bits: int, per_channel: bool) -> None:
@@ -360,6 +365,7 @@ def _gradient_bounds(model: nn.Module, x: torch.Tensor, grads: dict[str, torch.T
     return bounds
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_model_outputs_and_every_gradient_match_brevitas_operations(
@@ -433,6 +439,7 @@ def test_uncalibrated_model_collects_statistics_of_relu_outputs() -> None:
     assert math.isfinite(float(tq.scaling_impl.buffer))
 
 
+@pytest.mark.numerics
 def test_channels_last_tensors_give_the_same_values_and_gradients() -> None:
     """NHWC activations (the trainer's CPU layout): same outputs, masks and gradients."""
     torch.manual_seed(5)

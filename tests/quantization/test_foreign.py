@@ -160,6 +160,7 @@ def test_report_tells_which_operations_are_quantized(digits) -> None:  # type: i
     assert fixed.fully_quantized and not any(r.reason.startswith("float bias") for r in fixed.rows)
 
 
+@pytest.mark.numerics
 def test_exported_onnx_agrees_at_4_bits(digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
     m = _trained(digits, requant_pool=True, int_bias=True)
     set_bit_width(m, 4, 4)

@@ -86,6 +86,7 @@ def test_cache_on_with_augmentation_is_an_error() -> None:
         should_cache_logits("on", True)
 
 
+@pytest.mark.numerics
 def test_cached_logits_equal_live_logits(digits_loaders: RunLoaders) -> None:
     teacher = _model().eval()
     cache = cache_teacher_logits(teacher, digits_loaders, CPU)
@@ -99,6 +100,7 @@ def test_cached_logits_equal_live_logits(digits_loaders: RunLoaders) -> None:
     assert (got - ref).abs().max() <= tol, f"max |Δ| {(got - ref).abs().max():.3g} > {tol:.3g}"
 
 
+@pytest.mark.numerics
 def test_a_multi_output_teacher_is_cached_per_head_and_scored_on_its_accuracy_head() -> None:
     from qtemperate.data import build_datasets, build_run_loaders
     from qtemperate.heads import HeadLoss, Task
