@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -59,8 +60,8 @@ def test_float32_sums_in_any_order_are_within_the_bound(n: int, seed: int, sprea
     """|fl(Σt) - Σt| <= γ_n Σ|t| for any order; two orders differ by at most twice that."""
     rng = np.random.default_rng(seed)
     t = (rng.standard_normal(n) * spread * rng.choice([1e-3, 1.0, 1e3], n)).astype(np.float32)
-    exact = float(np.sum(t.astype(np.float64)))  # n <= 4000 terms of 24 bits: float64 is exact enough
-    mags = float(np.abs(t.astype(np.float64)).sum())
+    exact = math.fsum(t.astype(np.float64).tolist())  # correctly rounded: within 2**-53 |Σt|
+    mags = math.fsum(np.abs(t.astype(np.float64)).tolist())
     orders = [_sequential_sum32(t), _sequential_sum32(t[::-1]), float(torch.from_numpy(t).sum()),
               _sequential_sum32(t[rng.permutation(n)])]
     for s in orders:
