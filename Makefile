@@ -8,7 +8,11 @@ TORCH_SPEC ?= torch==2.13.0
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: install data testdeps demo test lint bench clean
+# PyTorch's CPU kernels for older x86 CPUs that `make test-numerics` reruns the
+# numerically sensitive tests on (plain C++ and AVX2; ARM has no such choice).
+NUMERICS_CAPABILITIES ?= $(if $(filter x86_64,$(shell uname -m)),default avx2,default)
+
+.PHONY: install data testdeps demo test test-numerics lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +53,16 @@ demo: install data
 
 test: install data testdeps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-numerics
+
+# The tests marked `numerics` (float results of two computations compared within bounds
+# derived from the computation) again under each capability in NUMERICS_CAPABILITIES, so a
+# CPU class the developer does not have is exercised on every submission.
+test-numerics: install data
+	@for cap in $(NUMERICS_CAPABILITIES); do \
+		echo "== pytest -m numerics with ATEN_CPU_CAPABILITY=$$cap"; \
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -m numerics -p no:cacheprovider || exit 1; \
+	done
 
 lint: install
 	$(BIN)/ruff check qtemperate tests bench

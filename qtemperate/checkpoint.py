@@ -92,8 +92,9 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: empty, truncated, not a PyTorch file, or it pickles Python objects
-            other than tensors and plain data (nothing from it is executed).
+        CheckpointError: empty, truncated, not a PyTorch file, it pickles Python objects
+            other than tensors and plain data (nothing from it is executed), or a float
+            tensor in it holds NaN or infinite values (named by its key path).
     """
     path = Path(path)
     label = f"{what}: " if what else ""
@@ -102,7 +103,7 @@ def load_checkpoint(
     if path.stat().st_size == 0:
         raise CheckpointError(f"{label}cannot load {path}: the file is empty")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         name = _unsafe_global(exc)
         if name is not None:
@@ -119,6 +120,33 @@ def load_checkpoint(
         raise CheckpointError(f"{label}cannot load {path}: {_short(exc)}") from None
     except Exception as exc:  # a foreign or damaged file: name it, never a traceback
         raise CheckpointError(f"{label}cannot load {path}: not a PyTorch checkpoint, or truncated ({_short(exc)})") from None
+    bad = _first_non_finite(obj)
+    if bad is not None:  # checked here, where every checkpoint enters: nothing trains on it
+        raise CheckpointError(
+            f"{label}{path}: tensor {bad!r} holds NaN or infinite values (weights of a diverged or "
+            "damaged run); use a checkpoint with finite weights"
+        )
+    return obj
+
+
+def _first_non_finite(obj: Any, name: str = "") -> str | None:
+    """The key path (``state_dict.conv1.weight``) of the first float tensor holding NaN/inf, or None."""
+    if isinstance(obj, torch.Tensor):
+        dense = obj.layout == torch.strided and (obj.is_floating_point() or obj.is_complex())
+        if dense and not bool(torch.isfinite(obj).all()):
+            return name or "<the tensor>"
+        return None
+    if isinstance(obj, Mapping):
+        items: Any = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = _first_non_finite(value, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def state_dict_from(obj: Any, path: str | Path, what: str | None = None) -> dict[str, torch.Tensor]:

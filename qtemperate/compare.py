@@ -82,7 +82,7 @@ def _recipe_of(run_dir: Path) -> dict[str, Any]:
 
     try:
         raw = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # no readable recipe: no identity from it
         return {}
     return raw if isinstance(raw, dict) else {}
 

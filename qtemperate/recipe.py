@@ -726,14 +726,21 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
         overrides: ``key.path=value`` strings (the CLI's ``--set``).
 
     Raises:
-        RecipeError: the file is missing, is not valid YAML, or a field is invalid;
-            the message names the file and the field.
+        RecipeError: the file is missing, is not UTF-8 text, is not valid YAML, or a field
+            is invalid; the message names the file and the field.
     """
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"{p}: recipe file not found")
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:  # a binary or otherwise encoded file: YAML is UTF-8 text
+        raise RecipeError(
+            f"{p}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+            "a recipe is a YAML file"
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

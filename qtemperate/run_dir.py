@@ -406,7 +406,7 @@ def _recorded(run_dir: Path) -> dict[str, Any]:
     except OSError as exc:
         problem = environment_problem(exc, path)
         raise (problem or BadInput(f"--resume: cannot read {path}: {exc}")) from None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError):
         raise BadInput(f"--resume: {path} is not valid YAML; the run's record is damaged") from None
     if not isinstance(raw, dict):
         raise BadInput(f"--resume: {path} does not hold a recipe")

@@ -158,3 +158,37 @@ def test_legacy_student_is_refused_then_upgraded_when_trusted(tmp_path: Path) ->
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), arch(x))
+
+
+# --------------------------------------------------------------------------- non-finite weights
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path: Path, value: float) -> None:
+    state = build_model("small_cnn", num_classes=10, in_channels=1, width=4).state_dict()
+    state["conv2.weight"][0, 0, 0, 0] = value
+    plain, wrapped = tmp_path / "plain.pt", tmp_path / "wrapped.pt"
+    torch.save(state, plain)
+    torch.save({"state_dict": state, "epoch": 3}, wrapped)
+    with pytest.raises(CheckpointError, match=r"^teacher\.checkpoint: .*plain\.pt: tensor 'conv2\.weight' holds NaN or infinite"):
+        load_checkpoint(plain, what="teacher.checkpoint")
+    with pytest.raises(CheckpointError, match=r"wrapped\.pt: tensor 'state_dict\.conv2\.weight'") as info:
+        load_checkpoint(wrapped)
+    assert isinstance(info.value, BadInput) and "\n" not in str(info.value)
+
+
+def test_finite_and_non_float_tensors_load(tmp_path: Path) -> None:
+    path = tmp_path / "ok.pt"
+    torch.save({"w": torch.ones(3), "steps": torch.tensor(7), "rng": torch.ByteTensor([255, 0]),
+                "nested": [{"b": torch.zeros(2, dtype=torch.float16)}]}, path)
+    assert load_checkpoint(path)["steps"] == 7
+
+
+def test_student_file_with_non_finite_weights_is_refused(tmp_path: Path) -> None:
+    arch, kwargs = _pruned_student()
+    path = save_student(tmp_path / "student.pt", arch, arch, 32, 32, 8, True, arch_model="small_cnn",
+                        arch_kwargs=kwargs)
+    payload = torch.load(path, weights_only=True)
+    name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][name] = torch.full_like(payload["state_dict"][name], float("nan"))
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=rf"^student file: .*student\.pt: tensor 'state_dict\.{name}' holds NaN"):
+        load_student(path)

@@ -10,6 +10,8 @@ import torch
 import yaml
 
 from qtemperate.cli import main
+from tests.numerics import assert_accuracy_explained
+from tests.numerics import assert_figures_explained as explained
 from tests.pipeline_helpers import tiny_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +56,35 @@ def test_malformed_yaml_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     p.write_text("name: x\nstages: [\n")
     assert main(["run", str(p)]) == 2
     assert "malformed YAML" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("verb", ["run", "validate"])
+def test_a_recipe_that_is_not_utf8_text_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str], verb: str) -> None:
+    p = tmp_path / "garbage.yaml"
+    p.write_bytes(b"name: x\n\x89PNG\r\n\x1a\n\x00\xff\xfe binary")
+    assert main([verb, str(p)]) == 2
+    line = _one_error_line(capsys)
+    assert str(p) in line and "not UTF-8 text" in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("verb", ["run", "validate"])
+def test_a_teacher_checkpoint_with_nan_weights_exits_2_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], verb: str
+) -> None:
+    from qtemperate.models import build_model
+
+    state = build_model("small_cnn", num_classes=10, in_channels=1, width=8).state_dict()
+    state["bn1.running_var"][3] = float("nan")  # the first non-finite tensor (in state-dict order)
+    state["fc.weight"][0, 0] = float("inf")
+    ckpt = tmp_path / "diverged.pt"
+    torch.save(state, ckpt)
+    raw = tiny_recipe(tmp_path, teacher={"model": "small_cnn", "kwargs": {"width": 8}, "checkpoint": str(ckpt), "train": None})
+    extra = ["--no-progress"] if verb == "run" else ["--check-files"]  # validate reads files on request
+    assert main([verb, str(_write(tmp_path, raw)), *extra]) == 2
+    line = _one_error_line(capsys)
+    assert "teacher.checkpoint" in line and str(ckpt) in line and "'bn1.running_var'" in line and "NaN" in line
+    assert not (tmp_path / "runs").exists()  # nothing trained, no run folder
 
 
 def test_missing_checkpoint_exits_2_and_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,9 +240,8 @@ def test_run_a_multi_output_detector_with_per_head_temperatures(tmp_path: Path) 
     assert [o.name for o in graph.output] == ["features", "logits", "boxes"]
     heads = summary["onnx_outputs"]
     assert set(heads) == {"features", "logits", "boxes"}
-    assert heads["logits"]["graph_agreement"] >= 0.99 and heads["logits"]["deployed_agreement"] is not None
+    assert heads["logits"]["deployed_agreement"] is not None
     assert heads["boxes"]["graph_agreement"] is None  # regression: max |diff| only
-    assert all(heads[h]["graph_max_abs_diff"] < 1e-3 for h in heads)  # the graph is exact
 
     # student_acc is the accuracy of the `logits` head (task.accuracy_head), recomputed here
     # independently from student.pt and the test split.
@@ -220,9 +250,12 @@ def test_run_a_multi_output_detector_with_per_head_temperatures(tmp_path: Path) 
                             num_classes=3)
     x = torch.stack([bundle.test[i][0] for i in range(len(bundle.test))])
     y = torch.stack([bundle.test[i][1]["labels"] for i in range(len(bundle.test))])
-    with torch.no_grad():
-        acc = float((student(x)["logits"].argmax(1) == y).float().mean())
-    assert summary["student_acc"] == pytest.approx(acc)
+    assert_accuracy_explained(summary["student_acc"], student, x, y, output="logits", what="logits head")
+    # The graph is exact per head: |Δ| <= 2 γ_L max|head|, agreement >= 1 - near-ties / N
+    # (the first 64 test samples were verified; tests.numerics)
+    for h in heads:
+        explained(heads[h]["graph_agreement"], heads[h]["graph_max_abs_diff"], student, x[:64], output=h,
+                  what=f"graph session, head {h}")
 
 
 def test_a_bug_exits_1_with_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -284,6 +284,14 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
     assert "line 3" in msg
 
 
+def test_a_file_that_is_not_utf8_text_is_a_recipe_error_naming_it(tmp_path: Path) -> None:
+    p = tmp_path / "binary.yaml"
+    p.write_bytes(bytes(range(256)))
+    with pytest.raises(RecipeError, match=r"binary\.yaml: not UTF-8 text \(byte 128: b'\\x80'\)") as info:
+        load_recipe(p)
+    assert "\n" not in str(info.value)
+
+
 def test_validation_error_from_file_names_file(tmp_path: Path) -> None:
     d = minimal()
     d["stages"][0]["weight_bits"] = 9

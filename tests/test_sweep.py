@@ -188,7 +188,7 @@ def test_artifact_metadata_is_what_was_measured(offline_sweep: dict) -> None:
     t = meta["tiny-teacher-onnx"]
     assert t["bytes"] == (d / "teacher.onnx").stat().st_size
     assert t["latency_ms"] == summary["teacher_onnx_latency_ms"]
-    assert t["top1_agreement"] == summary["teacher_onnx_top1_agreement"] >= 0.99
+    assert t["top1_agreement"] == summary["teacher_onnx_top1_agreement"]  # its value: tests/export/test_check.py
     i8 = meta["tiny-student_int8-onnx"]
     assert i8["top1_agreement"] == summary["int8_onnx_top1_agreement"] and (i8["weight_bits"], i8["act_bits"]) == (8, 8)
     assert meta["tiny-student"]["student_acc"] == summary["student_acc"]

@@ -12,6 +12,7 @@ from torch import nn
 
 from qtemperate.export import export_and_check
 from qtemperate.quantization import get_bit_widths, set_bit_width
+from tests.numerics import assert_figures_explained as explained
 
 torch.set_num_threads(1)
 
@@ -34,12 +35,20 @@ def test_w4a4_student_gets_an_int8_twin_and_a_teacher_file(tmp_path: Path, digit
     out = export_and_check(q4, tmp_path, xte[:64], teacher=model, batch_sizes=(1, 4), iters=2,
                            float_student=model)
     assert KEYS | {"teacher_onnx_latency_ms", "float_student_onnx_latency_ms", "int8_speedup"} <= set(out)
-    # the deployed session is what onnxruntime users run; the twin is verified too
-    assert out["onnx_deployed_agreement"] == out["onnx_top1_agreement"] >= 0.99
-    assert out["int8_onnx_deployed_agreement"] >= 0.99 and out["int8_onnx_graph_agreement"] >= 0.99
+    # the deployed session is what onnxruntime users run; the twin is verified too.
+    # Agreement >= 1 - near-ties / N - 1 % (tests.numerics: a near-tie of the logits may
+    # flip on another CPU, and onnxruntime's integer requantization may round a value on a
+    # level boundary apart from PyTorch's: one whole level, up to 0.28 in a logit measured)
+    assert out["onnx_deployed_agreement"] == out["onnx_top1_agreement"]
+    explained(out["onnx_top1_agreement"], None, q4, xte[:64], min_agreement=0.99, what="student")
+    twin = set_bit_width(copy.deepcopy(q4), 8, 8)
+    for session in ("deployed", "graph"):
+        explained(out[f"int8_onnx_{session}_agreement"], None, twin, xte[:64], min_agreement=0.99,
+                  what=f"int8 twin, {session}")
     assert out["int8_onnx_top1_agreement"] == out["int8_onnx_deployed_agreement"]  # main's key name
     assert out["int8_onnx_max_abs_diff"] == out["int8_onnx_deployed_max_abs_diff"]
-    assert out["teacher_onnx_top1_agreement"] == 1.0 and out["teacher_onnx_max_abs_diff"] < 1e-3  # float
+    explained(out["teacher_onnx_top1_agreement"], out["teacher_onnx_max_abs_diff"], model, xte[:64],
+              what="float teacher")
     assert out["onnx_deployed_warning"] is None
     assert out["export_target"] == out["detected_target"] and out["target_warning"] is None
     # per file: which runtime runs it with integer kernels
@@ -96,11 +105,10 @@ def test_no_benchmark_only_verifies(tmp_path: Path, digits, trained) -> None:
     _, _, xte, _ = digits
     out = export_and_check(model, tmp_path, xte[:32], benchmark=False)
     assert out["onnx_latency_ms"] is None and out["int8_onnx_latency_ms"] is None
-    assert out["onnx_top1_agreement"] == pytest.approx(1.0)
+    explained(out["onnx_top1_agreement"], out["onnx_max_abs_diff"], model, xte[:32], what="float model")
     assert out["deployed_onnx"] == "student.onnx" and out["latency_max_batch"] is None  # a float student
     assert out["student_ort_ms_b1"] is None and out["speed_missing"] == {
         "ort": "not timed (benchmark off)", "openvino": "not timed (benchmark off)"}
-    assert out["onnx_max_abs_diff"] < 1e-3
 
 
 def test_model_returns_to_its_device_and_mode(tmp_path: Path, digits, trained) -> None:
@@ -120,7 +128,8 @@ def test_openvino_and_qonnx_check_the_deployment_files(tmp_path: Path, digits, t
     out = export_and_check(q4, tmp_path, xte[:64], batch_sizes=(1, 4), iters=2)
     # QONNX: the 4-bit deployment path, QONNX's executor against PyTorch
     assert (tmp_path / "student.qonnx.onnx").is_file() and out["qonnx_samples"] == 64
-    assert out["qonnx_agreement"] == 1.0 and out["qonnx_max_abs_diff"] < 1e-4
+    n = out["qonnx_samples"]
+    explained(out["qonnx_agreement"], out["qonnx_max_abs_diff"], q4, xte[:n], what="QONNX executor")
     assert "finn" in out["onnx_files"]["student.qonnx.onnx"]["runtimes"]
     # OpenVINO reads the int8 file and runs every conv / fc in int8
     assert out["openvino_path"].endswith("student_int8.onnx")

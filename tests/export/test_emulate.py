@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qtemperate.export import export_onnx
 from qtemperate.export.emulate import emulator_available, run_emulated
 from qtemperate.quantization import quantize
+from tests.numerics import output_tolerance, top1_agreement
 
 
 def _has_openvino() -> bool:
@@ -68,18 +69,20 @@ def test_avx2_student_is_exact_on_an_emulated_avx2_cpu(tmp_path, digits, trained
     calib = [xtr[i : i + 64] for i in range(0, 256, 64)]
     x = xte[:64]
     res = {}
-    paths, refs = [], []
+    paths, refs, tols = [], [], []
     for target in ("x86-avx2", "x86-vnni"):
         q = quantize(model, calibration_loader=calib, calibration_batches=4, target=target).eval()
         paths.append(export_onnx(q, tmp_path / f"{target}.onnx", x[:1]))
         with torch.no_grad():
             refs.append(q(x).numpy())
-    for target, out, ref in zip(("x86-avx2", "x86-vnni"), run_emulated(paths, x.numpy()), refs):
-        res[target] = (float((out[0].argmax(1) == ref.argmax(1)).mean()), float(np.abs(out[0] - ref).max()))
-    print(f"emulated Haswell, deployed onnxruntime session (agreement, max|d|): {res}")
-    agree7, diff7 = res["x86-avx2"]
-    assert agree7 == 1.0 and diff7 < 1e-3  # trained for the CPU class: exact
-    _, diff8 = res["x86-vnni"]
+        tols.append(output_tolerance(q, x, refs[-1]))  # 2 γ_L max|logit| (tests.numerics)
+    for target, out, ref, tol in zip(("x86-avx2", "x86-vnni"), run_emulated(paths, x.numpy()), refs, tols):
+        res[target] = (top1_agreement(out[0], ref, tol), float(np.abs(out[0] - ref).max()), tol)
+    print(f"emulated Haswell, deployed onnxruntime session (agreement, max|d|, tol): {res}")
+    agree7, diff7, tol7 = res["x86-avx2"]
+    # trained for the CPU class: exact up to float rounding, near-ties of the logits set aside
+    assert agree7.rate == 1.0 and diff7 <= tol7, res["x86-avx2"]
+    _, diff8, _ = res["x86-vnni"]
     assert diff8 > 100 * max(diff7, 1e-5)  # 8-bit weights on this CPU class: saturated sums
 
 
@@ -95,8 +98,9 @@ def test_openvino_on_an_emulated_avx2_cpu_matches_its_vnni_result_for_avx2_stude
     model, _ = trained
     calib = [xtr[i : i + 64] for i in range(0, 256, 64)]
     x = xte[:64].numpy()
-    paths = [export_onnx(quantize(model, calibration_loader=calib, calibration_batches=4, target=t).eval(),
-                         tmp_path / f"{t}.onnx", xte[:1]) for t in ("x86-avx2", "x86-vnni")]
+    qs = [quantize(model, calibration_loader=calib, calibration_batches=4, target=t).eval()
+          for t in ("x86-avx2", "x86-vnni")]
+    paths = [export_onnx(q, tmp_path / f"{t}.onnx", xte[:1]) for q, t in zip(qs, ("x86-avx2", "x86-vnni"))]
     core = ov.Core()
     native = []
     for p in paths:
@@ -106,6 +110,8 @@ def test_openvino_on_an_emulated_avx2_cpu_matches_its_vnni_result_for_avx2_stude
         native.append(np.asarray(next(iter(c.create_infer_request().infer({0: x}).values()))))
     emulated = [o[0] for o in run_emulated(paths, x, runtime="openvino")]
     d7, d8 = (float(np.abs(e - n).max()) for e, n in zip(emulated, native))
-    print(f"OpenVINO emulated Haswell vs native, max|d|: x86-avx2 {d7:.3g}, x86-vnni {d8:.3g}")
-    assert d7 < 1e-4
+    with torch.no_grad():  # two float32 roundings of one network: 2 γ_L max|logit| (tests.numerics)
+        tol7 = output_tolerance(qs[0], xte[:64], qs[0](xte[:64]))
+    print(f"OpenVINO emulated Haswell vs native, max|d|: x86-avx2 {d7:.3g} (<= {tol7:.3g}), x86-vnni {d8:.3g}")
+    assert d7 <= tol7
     assert d8 > 100 * max(d7, 1e-6)

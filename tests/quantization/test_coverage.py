@@ -31,6 +31,7 @@ from qtemperate.quantization import (
     set_bit_width,
 )
 from qtemperate.size import model_size
+from tests.numerics import assert_runtime_exact
 from tests.quantization.architectures import (
     DenseUNet,
     EfficientNetish,
@@ -74,6 +75,7 @@ def data(digits) -> tuple[list[torch.Tensor], torch.Tensor]:  # type: ignore[no-
     return [xtr[i : i + 64] for i in range(0, 256, 64)], xte[:256]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", list(CASES))
 def test_pipeline_reports_the_truth_and_exports_what_it_reports(case: str, data, tmp_path) -> None:  # type: ignore[no-untyped-def]
     factory, target, heads, expected_float = CASES[case]
@@ -126,8 +128,10 @@ def test_pipeline_reports_the_truth_and_exports_what_it_reports(case: str, data,
     if case != "groupnorm_cnn":  # GroupNorm's export keeps INT8 storage (onnxruntime 1.32 bug)
         assert onnx_int4_weights(path) > 0
     rep = verify_onnx(path, q, x)
-    assert rep.top1_agreement == 1.0
-    assert rep.max_abs_diff < 1e-3
+    # The deployed session (fused integer kernels) is exact up to float rounding, tol =
+    # 2 γ_L max|logit| (tests.numerics), near-ties set aside. (The graph session is not
+    # claimed: in the untrained U-Nets float convs land values on rounding boundaries.)
+    assert_runtime_exact(path, q, x, rep, sessions=("deployed",))
 
     if expected_float:
         with pytest.raises(FloatLeftoverError, match=r"attn\.softmax"):

@@ -21,6 +21,7 @@ from qtemperate.training.teacher import (
     should_cache_logits,
     train_teacher,
 )
+from tests.numerics import assert_accuracy_explained, output_tolerance
 
 CPU = torch.device("cpu")
 
@@ -85,6 +86,7 @@ def test_cache_on_with_augmentation_is_an_error() -> None:
         should_cache_logits("on", True)
 
 
+@pytest.mark.numerics
 def test_cached_logits_equal_live_logits(digits_loaders: RunLoaders) -> None:
     teacher = _model().eval()
     cache = cache_teacher_logits(teacher, digits_loaders, CPU)
@@ -92,9 +94,13 @@ def test_cached_logits_equal_live_logits(digits_loaders: RunLoaders) -> None:
     cached, live = TeacherLogits(teacher, cache), TeacherLogits(teacher, None)
     x, _, idx = next(iter(digits_loaders.train))
     assert cached.cached and not live.cached
-    torch.testing.assert_close(cached(x, idx), live(x, idx), rtol=1e-5, atol=1e-5)
+    # cached in other batches (other kernels' rounding): within 2 γ_L max|logit| (tests.numerics)
+    got, ref = cached(x, idx), live(x, idx)
+    tol = output_tolerance(teacher, x, ref)
+    assert (got - ref).abs().max() <= tol, f"max |Δ| {(got - ref).abs().max():.3g} > {tol:.3g}"
 
 
+@pytest.mark.numerics
 def test_a_multi_output_teacher_is_cached_per_head_and_scored_on_its_accuracy_head() -> None:
     from qtemperate.data import build_datasets, build_run_loaders
     from qtemperate.heads import HeadLoss, Task
@@ -106,7 +112,9 @@ def test_a_multi_output_teacher_is_cached_per_head_and_scored_on_its_accuracy_he
     assert set(cache) == {"features", "logits", "boxes"} and cache["boxes"].shape == (96, 4)
     x, _, idx = next(iter(loaders.train))
     looked_up, live = TeacherLogits(teacher, cache)(x, idx), TeacherLogits(teacher, None)(x, idx)
-    assert all(torch.allclose(looked_up[h], live[h], atol=1e-5) for h in live)
+    for h in live:  # within 2 γ_L max|head| (tests.numerics)
+        tol = output_tolerance(teacher, x, live[h])
+        assert (looked_up[h] - live[h]).abs().max() <= tol, h
 
     task = Task("logits", {"logits": HeadLoss("cross_entropy"), "boxes": HeadLoss("smooth_l1", "boxes", 2.0)})
     acc, loss = evaluate(teacher, loaders.test, torch.device("cpu"), task)
@@ -114,7 +122,7 @@ def test_a_multi_output_teacher_is_cached_per_head_and_scored_on_its_accuracy_he
     ys = {k: torch.stack([bundle.test[i][1][k] for i in range(40)]) for k in ("labels", "boxes")}
     with torch.no_grad():
         out = teacher(xs)
-    assert acc == pytest.approx(float((out["logits"].argmax(1) == ys["labels"]).float().mean()))
+    assert_accuracy_explained(acc, teacher, xs, ys["labels"], output="logits", what="teacher")  # near-ties aside
     assert loss == pytest.approx(float(task.loss(out, ys)[0]), rel=1e-5)  # one batch of 40: the batch mean
     with pytest.raises(ValueError, match="name the head scored"):
         evaluate(teacher, loaders.test, torch.device("cpu"))  # a dict output is never guessed
