@@ -405,7 +405,8 @@ def _is_collective_error(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
         s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset",
-                            "monitoredBarrier", "Timed out", "timed out", "ProcessGroup")
+                            "monitoredBarrier", "Timed out", "timed out", "ProcessGroup",
+                            "Application timeout", "pair closure")  # gloo, when its timeout fires mid-transfer
     )
 
 
