@@ -22,8 +22,8 @@ from qtemperate.export import (
 )
 from qtemperate.models import build_model
 from qtemperate.quantization import quantize, set_bit_width
-from tests.onnx_helpers import check_agreement_warning
 from tests.numerics import assert_runtime_exact
+from tests.onnx_helpers import check_agreement_warning
 
 torch.set_num_threads(1)
 

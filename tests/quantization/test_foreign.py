@@ -33,8 +33,8 @@ from qtemperate.quantization import (
     set_bit_width,
 )
 from qtemperate.size import model_size
-from tests.onnx_helpers import check_agreement_warning
 from tests.numerics import assert_runtime_exact
+from tests.onnx_helpers import check_agreement_warning
 from tests.quantization.checks import independent_bytes
 
 torch.set_num_threads(1)
