@@ -1,4 +1,4 @@
-"""Latency table, predictor and latency-targeted pruning (``qtemperate/latency.py``).
+"""Latency table and predictor (``qtemperate/latency.py``).
 
 Timings are real (onnxruntime on the CPU running the tests, 1 thread, batch 1), so no
 test asserts a time: they assert the table's bookkeeping, the predictor's closed form,
@@ -26,72 +26,6 @@ from qtemperate.latency import (
     layer_signatures,
     predict_latency,
 )
-
-TOLERANCE = 0.15
-"""A latency target holds when the real ratio is within 15 % of it (the issue's tolerance)."""
-
-
-# --------------------------------------------------------------------------- models
-class InvertedResidual(nn.Module):
-    """MobileNetV2's block: 1x1 expand, 3x3 depthwise, 1x1 project, identity add when shapes allow."""
-
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
-        super().__init__()
-        hidden = cin * expand
-        self.use_res = stride == 1 and cin == cout
-        layers: list[nn.Module] = []
-        if expand != 1:
-            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
-        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
-                   nn.ReLU6(inplace=True), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x) if self.use_res else self.conv(x)
-
-
-class TinyMobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        # MobileNetV2's first stages (widths 32, 16, 24, 32; expansion 6), on a 32x32 input
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(inplace=True))
-        cfg = [(32, 16, 1, 1), (16, 24, 2, 6), (24, 24, 1, 6), (24, 32, 2, 6), (32, 32, 1, 6)]
-        self.blocks = nn.Sequential(*(InvertedResidual(*c) for c in cfg))
-        self.head = nn.Sequential(nn.Conv2d(32, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU6(inplace=True))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(256, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.head(self.blocks(self.stem(x)))).flatten(1))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                      if stride != 1 or cin != cout else nn.Identity())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        out += self.short(x)  # in place, as torchvision's blocks add
-        return self.relu(out)
-
-
-class TinyResNet(nn.Module):
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
-        self.layers = nn.Sequential(BasicBlock(32, 32, 1), BasicBlock(32, 64, 2), BasicBlock(64, 64, 1),
-                                    BasicBlock(64, 128, 2))
-        self.fc = nn.Linear(128, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
 
 
 class LibConv(nn.Conv2d):
